@@ -1,0 +1,12 @@
+#include <pybind11/pybind11.h>
+
+#include "common.cuh"
+
+namespace py = pybind11;
+
+namespace qsparse {
+
+void register_decode(py::module_& m) {
+}
+
+}  // namespace qsparse

@@ -1,0 +1,199 @@
+"""The reference model: pure PyTorch, fp32 math, CPU or GPU. It is the spec the CUDA engine must match.
+
+A Llama-style pre-norm decoder: RMSNorm, GQA attention with half-split ("rotate_half") RoPE, optional
+attention/FFN sub-norms (BitNet b1.58), ReLU²-GLU or SiLU-GLU, tied or untied LM head. Every projection
+is a BitLinear (quant.bitlinear) with its group's top-K sparsity. The projection class is pluggable, so
+the training tool runs this same architecture with latent weights and straight-through estimators.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, SparsityConfig, topk_count
+from .quant import bitlinear, topk_mask
+
+# Projection name -> sparsity group whose ratio applies to its input.
+PROJ_GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+
+
+class TernaryLinear(nn.Module):
+    """Inference BitLinear: fixed ternary weights [out, in] (int8) and one fp32 scale beta."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("ternary", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("beta", torch.ones((), dtype=torch.float32))
+        self.k = in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bitlinear(x, self.ternary, self.beta, self.k)
+
+
+LinearFactory = Callable[[int, int], nn.Module]
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim] for the half-split layout, computed in fp32 as transformers does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
+                                .float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim]; rotate_half pairs channel i with i + head_dim/2."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values [num_kv_heads, max_len, head_dim] and the number of filled positions."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, max_len: int, device: torch.device | str = "cpu") -> "KVCache":
+        shape = (cfg.num_kv_heads, max_len, cfg.head_dim)
+        return cls([torch.zeros(shape, device=device) for _ in range(cfg.num_layers)],
+                   [torch.zeros(shape, device=device) for _ in range(cfg.num_layers)])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.q = make_linear(cfg.hidden_size, cfg.q_size)
+        self.k = make_linear(cfg.hidden_size, cfg.kv_size)
+        self.v = make_linear(cfg.hidden_size, cfg.kv_size)
+        self.o = make_linear(cfg.q_size, cfg.hidden_size)
+        self.sub_norm = RMSNorm(cfg.q_size, cfg.rms_norm_eps) if cfg.attn_sub_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        cfg, t = self.cfg, x.shape[0]
+        q = apply_rope(self.q(x).view(t, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(self.k(x).view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = self.v(x).view(t, cfg.num_kv_heads, cfg.head_dim)
+        if cache is not None:
+            cache.k[layer][:, start:start + t] = k.transpose(0, 1)
+            cache.v[layer][:, start:start + t] = v.transpose(0, 1)
+            k_all, v_all = cache.k[layer][:, :start + t], cache.v[layer][:, :start + t]
+        else:
+            k_all, v_all = k.transpose(0, 1), v.transpose(0, 1)
+        group = cfg.num_heads // cfg.num_kv_heads
+        k_all = k_all.repeat_interleave(group, dim=0)  # [heads, S, hd]
+        v_all = v_all.repeat_interleave(group, dim=0)
+        scores = torch.einsum("thd,hsd->hts", q, k_all) / math.sqrt(cfg.head_dim)
+        q_pos = torch.arange(start, start + t, device=x.device)[:, None]
+        k_pos = torch.arange(k_all.shape[1], device=x.device)[None, :]
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        out = torch.einsum("hts,hsd->thd", scores.softmax(dim=-1), v_all).reshape(t, cfg.q_size)
+        if self.sub_norm is not None:
+            out = self.sub_norm(out)
+        return self.o(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.gate = make_linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up = make_linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down = make_linear(cfg.intermediate_size, cfg.hidden_size)
+        self.sub_norm = RMSNorm(cfg.intermediate_size, cfg.rms_norm_eps) if cfg.ffn_sub_norm else None
+        self.activation = cfg.activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = glu(self.gate(x), self.up(x), self.activation)
+        if self.sub_norm is not None:
+            h = self.sub_norm(h)
+        return self.down(h)
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu2":
+        return F.relu(gate).square() * up
+    return F.silu(gate) * up
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, make_linear)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, make_linear)
+
+    def forward(self, h, cos, sin, cache, layer, start):
+        h = h + self.attn(self.input_norm(h), cos, sin, cache, layer, start)
+        return h + self.mlp(self.post_attn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, sparsity: SparsityConfig | None = None,
+                 make_linear: LinearFactory = TernaryLinear) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList([Block(cfg, make_linear) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.zeros(cfg.vocab_size, cfg.hidden_size))
+        self.sparsity = SparsityConfig()
+        self.set_sparsity(sparsity or SparsityConfig())
+
+    def projections(self):
+        """Yield (layer index, projection name, module) for every BitLinear."""
+        for i, block in enumerate(self.layers):
+            for name in ("q", "k", "v", "o"):
+                yield i, name, getattr(block.attn, name)
+            for name in ("gate", "up", "down"):
+                yield i, name, getattr(block.mlp, name)
+
+    def set_sparsity(self, sparsity: SparsityConfig) -> None:
+        self.sparsity = sparsity
+        for _, name, lin in self.projections():
+            lin.k = topk_count(lin.in_features, getattr(sparsity, PROJ_GROUP[name]))
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed if self.lm_head is None else self.lm_head
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """ids [T] -> fp32 logits [T, vocab]. With a cache, positions start at `start` and the cache grows."""
+        if ids.dim() != 1:
+            raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+        t = ids.shape[0]
+        if start + t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + t} tokens exceeds the context of {self.cfg.max_seq_len}")
+        positions = torch.arange(start, start + t, device=ids.device)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        h = self.embed[ids].float()
+        for i, block in enumerate(self.layers):
+            h = block(h, cos, sin, cache, i, start)
+        if cache is not None:
+            cache.length = start + t
+        h = self.norm(h)
+        if self.sparsity.lm_head > 0:
+            h = h * topk_mask(h, topk_count(h.shape[-1], self.sparsity.lm_head))
+        return h @ self.head_weight().float().t()
