@@ -39,7 +39,7 @@ def sentencepiece_model(vocab_size: int = 360) -> bytes:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sample_text()), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=0.995, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        minloglevel=2, num_threads=1)
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2, num_threads=1)
     return buf.getvalue()
 
 
