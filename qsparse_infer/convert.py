@@ -367,6 +367,9 @@ def read_tokenizer(src: Path, hf: dict[str, Any], vocab_size: int) -> tuple[dict
         tok = Tokenizer(kind, data)
     except ValueError as e:
         raise ConversionError(f"cannot read the tokenizer in {src}: {e}") from None
+    if tok.vocab_size > vocab_size:
+        warnings.warn(f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size}; ids past the "
+                      f"model's vocabulary will be rejected")
     tc = _read_json(src / "tokenizer_config.json")
     gen = _read_json(src / "generation_config.json")
     special = {}
