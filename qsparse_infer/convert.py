@@ -81,6 +81,7 @@ class Checkpoint:
                     for name in f.keys():
                         self.where[name] = path
         self._open: dict[Path, Any] = {}
+        self.used: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -88,6 +89,7 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ConversionError(f"checkpoint is missing tensor {name!r}")
+        self.used.add(name)
         path = self.where[name]
         if path not in self._open:
             self._open[path] = safe_open(str(path), framework="pt")
@@ -460,6 +462,12 @@ def convert(src: str | Path, dst: str | Path, sparsity: SparsityConfig | str | f
     else:
         sp = SparsityConfig.uniform(float(sparsity))
     tensors = build_tensors(ckpt, layout, dtype, progress)
+    unused = sorted(n for n in set(ckpt.where) - ckpt.used
+                    if not n.endswith("rotary_emb.inv_freq") and not (n == layout.names["lm_head"]
+                                                                     and layout.config.tie_word_embeddings))
+    if unused:  # most likely a layout this converter does not know (e.g. differently named sub-norms)
+        more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
+        warnings.warn(f"{len(unused)} checkpoint tensors are not used by the converted model: {unused[:8]}{more}")
     info, tok_bytes = read_tokenizer(src, hf, layout.config.vocab_size)
     source = f"{arch} from {src.resolve()}"
     return write_engine(dst, layout.config, sp, tensors, info, tok_bytes, source)

@@ -147,3 +147,9 @@ def test_failed_convert_leaves_nothing(qs_folder, tmp_path, monkeypatch, where):
     with pytest.raises((KeyboardInterrupt, OSError)):
         qsparse_infer.convert(qs_folder, out / "m.qsp", progress=False)
     assert list(out.iterdir()) == []
+
+
+def test_unused_tensors_are_reported(qs_folder, tmp_path):
+    _edit_weights(qs_folder, lambda sd: sd.update({"layers.0.attn.extra_norm.weight": torch.ones(64)}))
+    with pytest.warns(UserWarning, match=r"1 checkpoint tensors are not used.*layers\.0\.attn\.extra_norm\.weight"):
+        qsparse_infer.convert(qs_folder, tmp_path / "m.qsp", progress=False)
