@@ -23,6 +23,7 @@ We dispatch on config.json `architectures`, never on `model_type`:
   `layers.{i}.input_norm.weight`, `layers.{i}.post_attn_norm.weight`, `layers.{i}.attn.{q,k,v,o}.weight`,
   `layers.{i}.attn.sub_norm.weight`, `layers.{i}.mlp.{gate,up,down}.weight`, `layers.{i}.mlp.sub_norm.weight`
   (sub-norms present iff the config says so); plus tokenizer.model. Weights are ternarized with absmean.
+  A full-precision baseline (training.json or qsparse "precision" other than "ternary") is rejected.
 
 The sparsity stored in the file is --sparsity, else the ratio the checkpoint records (`qsparse.sparsity`,
 or a top-level `sparsity` / `q_sparse` entry), else 0. The output is written atomically (format.write_engine).
@@ -63,6 +64,7 @@ class Checkpoint:
     """Lazy, name-addressed access to the tensors of one or several safetensors files."""
 
     def __init__(self, folder: Path) -> None:
+        self.folder = folder
         index = folder / "model.safetensors.index.json"
         self.where: dict[str, Path] = {}
         if index.is_file():
@@ -216,6 +218,11 @@ def read_qsparse(hf: dict[str, Any], ckpt: Checkpoint) -> Layout:
     q = hf.get("qsparse")
     if not isinstance(q, dict) or "model" not in q:
         raise ConversionError("config.json of a QSparseForCausalLM checkpoint needs a 'qsparse': {'model': ...} entry")
+    # The training tool's full-precision baseline (training.json "precision": "fp") is not a ternary model.
+    precision = q.get("precision", _read_json(ckpt.folder / "training.json").get("precision", "ternary"))
+    if precision != "ternary":
+        raise ConversionError(f"this checkpoint was trained with precision {precision!r} (a full-precision "
+                              f"baseline); only ternary (BitNet b1.58) checkpoints can be converted")
     try:
         cfg = ModelConfig.from_dict(q["model"])
     except (TypeError, ValueError) as e:

@@ -153,3 +153,9 @@ def test_unused_tensors_are_reported(qs_folder, tmp_path):
     _edit_weights(qs_folder, lambda sd: sd.update({"layers.0.attn.extra_norm.weight": torch.ones(64)}))
     with pytest.warns(UserWarning, match=r"1 checkpoint tensors are not used.*layers\.0\.attn\.extra_norm\.weight"):
         qsparse_infer.convert(qs_folder, tmp_path / "m.qsp", progress=False)
+
+
+def test_full_precision_baseline_rejected(qs_folder, tmp_path):
+    (qs_folder / "training.json").write_text(json.dumps({"precision": "fp"}))
+    with pytest.raises(ConversionError, match="precision 'fp'"):
+        qsparse_infer.convert(qs_folder, tmp_path / "m.qsp", progress=False)
