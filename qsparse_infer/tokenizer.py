@@ -81,9 +81,11 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # Models may have more embedding rows than the tokenizer has tokens (e.g. 32002 vs 32000); such ids
+        # decode to nothing, as tokenizers.Tokenizer does, instead of raising in the middle of a stream.
         ids = [int(i) for i in ids]
         if self.kind == "sentencepiece":
-            return self._sp.decode(ids)  # control pieces decode to ""
+            return self._sp.decode([i for i in ids if 0 <= i < self.vocab_size])  # control pieces decode to ""
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:

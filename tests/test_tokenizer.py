@@ -112,3 +112,10 @@ def test_incremental_decoder_streams_early(sp):
     assert sum(1 for p in pieces[:-1] if p) >= len(ids) // 2  # text comes out as it is produced
     first = next(p for p in pieces if p)
     assert not first.startswith(" ") and pieces[-1] == ""  # the leading space is stripped; nothing held back
+
+
+@pytest.mark.parametrize("which", ["sp", "hf"])
+def test_ids_past_the_tokenizer_vocab_decode_to_nothing(which, request):
+    tok = request.getfixturevalue(which)
+    ids = tok.encode("the king", add_bos=False)
+    assert tok.decode(ids[:1] + [tok.vocab_size + 5] + ids[1:]) == tok.decode(ids)
