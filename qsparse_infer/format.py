@@ -241,6 +241,8 @@ def read_engine(path: str | os.PathLike) -> EngineFile:
     path = Path(path)
     header = read_header(path)
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise EngineFormatError(f"{path}: corrupt safetensors metadata (not a JSON object)")
     if meta.get("format") != FORMAT_NAME:
         raise EngineFormatError(
             f"{path}: not a qsparse-infer engine file (metadata 'format' is {meta.get('format')!r}, expected "
