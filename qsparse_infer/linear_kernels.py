@@ -23,8 +23,9 @@ MAX_GEMV_TOKENS = 8
 # The select kernel keeps the token row in shared memory (4 B per channel, <= 200 KB), and its
 # compaction scan packs two 16-bit counts; int32 accumulation is exact far beyond this (|acc| <= 128 D).
 MAX_IN_FEATURES = 49152
-# Above this D, a separate select launch + GEMV beats re-reading x in every GEMV CTA (see bench notes).
-FUSED_MAX_D = 8192
+# Above this D, a separate select launch + GEMV beats the redundant per-CTA top-K (measured on H100,
+# bench/NOTES-kernels.md: split wins from D = 4096 up; fused wins or ties at D = 2560).
+FUSED_MAX_D = 3072
 _SMEM_LIMIT = 200 * 1024
 _GEMM_K_ALIGN = 64
 
