@@ -1,4 +1,5 @@
-"""Shared test set-up: the GPU skip marker, and the helper modules next to this file made importable."""
+"""Shared test set-up: the GPU skip marker (tests marked @pytest.mark.gpu skip cleanly without a CUDA GPU and
+the built extension), and the helper modules next to this file made importable."""
 from __future__ import annotations
 
 import sys
@@ -12,16 +13,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _gpu_ready() -> bool:
+def _gpu_ok() -> bool:
     try:
-        from qsparse_infer import _ext
+        from qsparse_infer._ext import gpu_available
 
-        return _ext.gpu_available()
-    except Exception:
+        return gpu_available()
+    except Exception:  # no torch CUDA, no _C, no driver: all mean "no GPU here"
         return False
 
 
-requires_gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU and the compiled extension")
+GPU_OK = _gpu_ok()
+requires_gpu = pytest.mark.skipif(not GPU_OK, reason="needs a CUDA GPU and the compiled qsparse_infer._C")
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU_OK:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and the compiled qsparse_infer._C")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="session")
