@@ -1,0 +1,202 @@
+"""Kernel benchmark of the fused quantize + top-K + gather-GEMV over packed ternary weights (issue 3).
+
+Writes bench/results/kernels-<card>.json and .md. One token, shapes of BitNet-2B4T, Llama-3-8B and
+70B, sparsity 0 / 0.4 / 0.6 / 0.8. Timing: CUDA events around replays of a CUDA graph that calls the
+op once per weight set, the sets rotated so that they exceed L2; medians over replays. Peers timed in
+the same run: our dense ternary path (k = D), torch bf16 F.linear (cuBLAS GEMV) and torch top-K +
+row gather + bf16 GEMV. Device copy bandwidth (bytes read + written) is measured in the same run.
+
+    python bench/kernels.py [--out bench/results] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from qsparse_infer import linear_kernels as lk
+from qsparse_infer import quant
+from qsparse_infer.config import topk_count
+
+SHAPES = [  # (name, D, segments, glu)
+    ("2b4t.attn", 2560, [2560], None),
+    ("2b4t.gate_up", 2560, [6912, 6912], "relu2"),
+    ("2b4t.down", 6912, [2560], None),
+    ("8b.attn", 4096, [4096], None),
+    ("8b.gate_up", 4096, [14336, 14336], "relu2"),
+    ("8b.down", 14336, [4096], None),
+    ("70b.attn", 8192, [8192], None),
+    ("70b.gate_up", 8192, [28672, 28672], "relu2"),
+    ("70b.down", 28672, [8192], None),
+]
+SPARSITIES = [0.0, 0.4, 0.6, 0.8]
+L2_DEFEAT_BYTES = 256 << 20  # rotate weight sets until at least this much is touched per graph pass
+
+
+def card_name() -> str:
+    name = torch.cuda.get_device_name().lower()
+    for tag in ("h200", "h100", "a100", "l40s", "l4", "a10g", "rtx"):
+        if tag in name:
+            return tag
+    return name.replace(" ", "-")
+
+
+def time_graph(fn_calls: list, replays: int = 25) -> float:
+    """Median microseconds per call: a graph runs every call once; events around each replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fn_calls:  # warm-up outside capture (workspaces, cuBLAS handles)
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fn_calls:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / len(fn_calls))
+    del g
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps() -> float:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    us = time_graph([lambda: dst.copy_(src)] * 4, replays=15)
+    return 2 * n / (us * 1e-6) / 1e9
+
+
+def n_sets(set_bytes: int) -> int:
+    return max(2, min(16, -(-L2_DEFEAT_BYTES // max(set_bytes, 1))))
+
+
+def bench_shape(name: str, d: int, segs: list[int], glu: str | None, copy_gbps: float, quick: bool) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layout = "interleave" if glu else "concat"
+    m_total = sum(segs)
+    # Random packed bytes are valid ternary data only where no 2-bit code is 3: draw codes in {0,1,2}.
+    codes_shape = (d, quant.packed_columns(segs, layout) // 4)
+
+    def random_packed() -> lk.PackedTernary:
+        c = torch.randint(0, 3, (*codes_shape, 4), device="cuda", dtype=torch.uint8, generator=gen)
+        packed = (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).contiguous()
+        return lk.PackedTernary(packed, torch.rand(len(segs), device="cuda", generator=gen) + 0.5, segs, layout)
+
+    set_bytes = codes_shape[0] * codes_shape[1]
+    ws = [random_packed() for _ in range(n_sets(set_bytes))]
+    x = torch.randn(1, d, device="cuda", generator=gen) * (0.2 + 3 * torch.rand(d, device="cuda", generator=gen))
+    n_out = segs[0] if glu else m_total
+    out = torch.empty(1, n_out, device="cuda")
+
+    def ours(k: int, variant: str | None) -> float:
+        return time_graph([lambda w=w: lk.ternary_linear(x, w, k, glu=glu, out=out, _variant=variant) for w in ws])
+
+    dense_us = ours(d, None)
+    # torch peers: bf16 weights [M, D] for F.linear; [D, M] rows for the top-K row gather.
+    wb_bytes = m_total * d * 2
+    nb = n_sets(wb_bytes)
+    wbs = [torch.randn(m_total, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(nb)]
+    xb = x.to(torch.bfloat16)
+    torch_us = time_graph([lambda w=w: torch.nn.functional.linear(xb, w) for w in wbs])
+    wts = [w.t().contiguous() for w in wbs]
+    del wbs
+
+    rows = []
+    for s in SPARSITIES:
+        k = max(1, topk_count(d, s))
+        variants = {"auto": ours(k, None)}
+        fused_ok = lk.plan_gemv(ws[0], k, x.device, None)
+        if not quick:
+            for v in ("fused", "split"):
+                try:
+                    variants[v] = ours(k, v)
+                except ValueError:
+                    variants[v] = None
+
+        def topk_gather(w=None, k=k):
+            idx = xb.abs().topk(k, dim=-1).indices[0]
+            return torch.mm(xb[:, idx], w.index_select(0, idx))
+
+        tg_us = time_graph([lambda w=w: topk_gather(w) for w in wts])
+        us = variants["auto"]
+        nbytes = k * codes_shape[1] + d * x.element_size()
+        gbps = nbytes / (us * 1e-6) / 1e9
+        row = {
+            "shape": f"{name} {d}->{'2*' + str(segs[0]) if glu else m_total}", "M": m_total, "D": d, "sparsity": s,
+            "k": k, "us": round(us, 3), "bytes": nbytes, "gbps": round(gbps, 1),
+            "pct_of_copy": round(100 * gbps / copy_gbps, 1),
+            "speedup_vs_dense_ternary": round(dense_us / us, 3),
+            "speedup_vs_torch_bf16": round(torch_us / us, 2),
+            "speedup_vs_torch_topk_gather": round(tg_us / us, 2),
+            "variant": "fused" if fused_ok.fused else "split", "splits": fused_ok.splits,
+            "us_fused": None if variants.get("fused") is None else round(variants["fused"], 3),
+            "us_split": None if variants.get("split") is None else round(variants["split"], 3),
+            "us_dense_ternary": round(dense_us, 3), "us_torch_bf16": round(torch_us, 3),
+            "us_torch_topk_gather": round(tg_us, 3),
+        }
+        rows.append(row)
+        print(f"{row['shape']:<26} S={s:.1f} {us:8.2f} us {gbps:8.1f} GB/s ({row['pct_of_copy']:5.1f}% of copy) "
+              f"dense-ternary x{row['speedup_vs_dense_ternary']:.2f} torch-bf16 x{row['speedup_vs_torch_bf16']:.1f} "
+              f"topk+gather x{row['speedup_vs_torch_topk_gather']:.1f} [{row['variant']}"
+              f" fused={row['us_fused']} split={row['us_split']}]", flush=True)
+    del ws, wts
+    torch.cuda.empty_cache()
+    return rows
+
+
+def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
+    lines = [f"# Kernel benchmark on {meta['device']}", "",
+             f"Copy bandwidth (read + write, same run): {meta['copy_gbps']:.0f} GB/s. One token, fp32 x, "
+             "median of graph replays, weight sets rotated past L2. `bytes` = packed rows read + x.", "",
+             "| shape | M | D | S | us | GB/s | % of copy | vs dense ternary | vs torch bf16 | vs torch topk+gather "
+             "| variant |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['M']} | {r['D']} | {r['sparsity']} | {r['us']:.2f} | {r['gbps']:.0f} | "
+                     f"{r['pct_of_copy']:.1f} | {r['speedup_vs_dense_ternary']:.2f} | {r['speedup_vs_torch_bf16']:.1f}"
+                     f" | {r['speedup_vs_torch_topk_gather']:.1f} | {r['variant']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--quick", action="store_true", help="skip the per-variant (fused / split) timings")
+    ap.add_argument("--only", default=None, help="substring filter on shape names")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+    copy = copy_bandwidth_gbps()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {copy:.0f} GB/s (read + write)", flush=True)
+    rows = []
+    for name, d, segs, glu in SHAPES:
+        if args.only and args.only not in name:
+            continue
+        rows += bench_shape(name, d, segs, glu, copy, args.quick)
+    meta = {"device": torch.cuda.get_device_name(), "copy_gbps": round(copy, 1), "torch": torch.__version__}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = card_name()
+    (out / f"kernels-{card}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_markdown(out / f"kernels-{card}.md", rows, meta)
+    print(f"wrote {out}/kernels-{card}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

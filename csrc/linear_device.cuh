@@ -1,0 +1,266 @@
+// Device helpers of the ternary-linear family: block reductions/scans, the exact block-level
+// absmax-int8 + top-K selection, and the shared epilogue. Included by the linear_*.cu files only.
+//
+// Exactness rules (they make the GPU bit-identical to quant.py on un-normed inputs):
+//  - keys are |x| in fp32; order = (key desc, index asc), so ties go to the lower index;
+//  - gamma = fmaxf(amax, 1e-5f), scale = 127.f / gamma with IEEE division, q = rint(x * scale) clipped;
+//  - y = float(acc) * ((gamma * beta) / 127.f), each op rounded on its own (__f*_rn: no FMA contraction).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include "linear_api.cuh"
+
+namespace qsparse {
+namespace lin {
+
+constexpr float kAbsmaxEps = 1e-5f;
+
+__device__ __forceinline__ float load_x(const void* x, int bf16, size_t i) {
+  if (bf16) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(x)[i]);
+  return reinterpret_cast<const float*>(x)[i];
+}
+
+template <int NT>
+__device__ __forceinline__ float block_reduce_max(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();  // red may still be read from a previous reduction
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  v = lane < NT / 32 ? red[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+template <int NT>
+__device__ __forceinline__ float block_reduce_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  v = lane < NT / 32 ? red[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;  // identical in every lane (xor butterfly)
+}
+
+// Exclusive block scan of one int per thread; returns the prefix, *total gets the sum.
+template <int NT>
+__device__ __forceinline__ int block_exclusive_scan(int v, int* red, int* total) {
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int inc = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    int n = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += n;
+  }
+  __syncthreads();
+  if (lane == 31) red[w] = inc;
+  __syncthreads();
+  int wsum = lane < NT / 32 ? red[lane] : 0;
+  int winc = wsum;
+  for (int o = 1; o < 32; o <<= 1) {
+    int n = __shfl_up_sync(0xffffffffu, winc, o);
+    if (lane >= o) winc += n;
+  }
+  const int before_warp = __shfl_sync(0xffffffffu, winc - wsum, w);
+  *total = __shfl_sync(0xffffffffu, winc, 31);
+  return before_warp + inc - v;
+}
+
+__device__ __forceinline__ int8_t quantize_one(float v, float scale) {
+  float r = rintf(__fmul_rn(v, scale));
+  r = fminf(fmaxf(r, -128.f), 127.f);
+  return static_cast<int8_t>(static_cast<int>(r));
+}
+
+struct SelectScratch {
+  unsigned hist[256];
+  float redf[32];
+  int redi[32];
+  unsigned prefix, lo, tie_key;
+  int rem, tie_count, done;
+};
+
+// Load token row x (optionally RMSNorm * w) into xs[D] (fp32).
+template <int NT>
+__device__ void load_row(const SelectArgs& a, int t, float* xs, SelectScratch& s) {
+  const size_t base = static_cast<size_t>(t) * a.D;
+  if (a.norm_w == nullptr) {
+    for (int i = threadIdx.x; i < a.D; i += NT) xs[i] = load_x(a.x, a.x_bf16, base + i);
+    __syncthreads();
+    return;
+  }
+  for (int i = threadIdx.x; i < a.D; i += NT) xs[i] = load_x(a.x, a.x_bf16, base + i);
+  __syncthreads();
+  // Sum of squares in a fixed order for any NT >= 256 (256 strided partials, then a tree where the
+  // extra warps add exact zeros): the fused GEMV and the select kernel then normalize identically.
+  float ss = 0.f;
+  if (threadIdx.x < 256)
+    for (int i = threadIdx.x; i < a.D; i += 256) ss = __fmaf_rn(xs[i], xs[i], ss);
+  const float total = block_reduce_sum<NT>(ss, s.redf);
+  // Same op order as reference.RMSNorm: x * rsqrt(mean(x^2) + eps) * w (summation order differs).
+  const float inv = rsqrtf(__fadd_rn(__fdiv_rn(total, static_cast<float>(a.D)), a.eps));
+  for (int i = threadIdx.x; i < a.D; i += NT) xs[i] = __fmul_rn(__fmul_rn(xs[i], inv), a.norm_w[i]);
+  __syncthreads();
+}
+
+// Exact top-K over xs[0..D) by radix select on the fp32 bits of |x| (non-negative floats order like
+// their bit patterns), 8-bit digits from the top, warp-aggregated shared-memory histograms.
+// Result in s: an element is selected iff bits >= lo, or bits == tie_key and it is among the first
+// tie_count such elements in index order. Returns gamma; *scale_out = 127 / gamma.
+template <int NT>
+__device__ float block_select(const float* xs, int D, int K, SelectScratch& s, float* scale_out) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  float m = 0.f;
+  for (int i = tid; i < D; i += NT) m = fmaxf(m, fabsf(xs[i]));
+  const float amax = block_reduce_max<NT>(m, s.redf);
+  const float gamma = fmaxf(amax, kAbsmaxEps);
+  *scale_out = __fdiv_rn(127.f, gamma);
+  if (K >= D) {
+    if (tid == 0) { s.lo = 0u; s.tie_key = 0u; s.tie_count = 0; }
+    __syncthreads();
+    return gamma;
+  }
+  if (tid == 0) { s.prefix = 0u; s.rem = K; s.done = 0; }
+  unsigned mask = 0u;
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass;
+    for (int i = tid; i < 256; i += NT) s.hist[i] = 0u;
+    __syncthreads();
+    const unsigned prefix = s.prefix;
+    for (int i0 = 0; i0 < D; i0 += NT) {
+      const int i = i0 + tid;
+      int digit = -1;
+      if (i < D) {
+        const unsigned kb = __float_as_uint(fabsf(xs[i]));
+        if ((kb & mask) == prefix) digit = static_cast<int>((kb >> shift) & 255u);
+      }
+      const unsigned same = __match_any_sync(0xffffffffu, digit);
+      if (digit >= 0 && lane == __ffs(same) - 1) atomicAdd(&s.hist[digit], static_cast<unsigned>(__popc(same)));
+    }
+    __syncthreads();
+    if (tid < 32) {
+      // Lane l owns bins 8l..8l+7; find the bin where the count from the top reaches rem.
+      unsigned h[8];
+      unsigned local = 0;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) { h[b] = s.hist[lane * 8 + b]; local += h[b]; }
+      unsigned suffix = local;  // inclusive suffix sum over lanes >= lane
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned n = __shfl_down_sync(0xffffffffu, suffix, o);
+        if (lane + o < 32) suffix += n;
+      }
+      const unsigned rem = static_cast<unsigned>(s.rem);
+      const unsigned above_lane = suffix - local;
+      if (above_lane < rem && suffix >= rem) {
+        unsigned above = above_lane;
+#pragma unroll
+        for (int b = 7; b >= 0; --b) {
+          if (above + h[b] >= rem) {
+            const unsigned digit = static_cast<unsigned>(lane * 8 + b);
+            const unsigned need = rem - above;
+            s.prefix = prefix | (digit << shift);
+            s.rem = static_cast<int>(need);
+            s.done = (need == h[b]) ? 1 : 0;  // the whole bucket is taken: no need to look further
+            break;
+          }
+          above += h[b];
+        }
+      }
+    }
+    __syncthreads();
+    mask |= 255u << shift;
+    if (s.done) break;
+  }
+  if (tid == 0) {
+    if (s.done) {
+      s.lo = s.prefix;  // every key with these top digits (and all larger keys) is selected
+      s.tie_key = 0u;
+      s.tie_count = 0;
+    } else {
+      s.lo = s.prefix + 1u;  // keys > the K-th key, plus the first rem keys equal to it
+      s.tie_key = s.prefix;
+      s.tie_count = s.rem;
+    }
+  }
+  __syncthreads();
+  return gamma;
+}
+
+// Compact the selection into (idx, q) in index order: each thread walks a contiguous chunk of D;
+// a block scan of (definite << 16 | ties) per thread gives every thread its output offset.
+// ld > K: entries K..ld-1 get (0, 0). qdense (optional): the masked dense int8 row, zeros up to ldd.
+template <int NT>
+__device__ void block_compact(const float* xs, int D, int K, float scale, const SelectScratch& s, int32_t* idx,
+                              int8_t* q, int ld, int8_t* qdense, int ldd, int* redi) {
+  const int tid = threadIdx.x;
+  const int chunk = (D + NT - 1) / NT;
+  const int b = min(D, tid * chunk), e = min(D, b + chunk);
+  const unsigned lo = s.lo, tie = s.tie_key;
+  const int tie_count = s.tie_count;
+  int gt = 0, eq = 0;
+  for (int i = b; i < e; ++i) {
+    const unsigned kb = __float_as_uint(fabsf(xs[i]));
+    gt += kb >= lo;
+    eq += (tie_count > 0) & (kb == tie);
+  }
+  int total;  // packed 16|16 counts: D <= 65535 keeps both fields from overflowing (unsigned wrap)
+  const unsigned before = static_cast<unsigned>(block_exclusive_scan<NT>((gt << 16) | eq, redi, &total));
+  int eq_before = static_cast<int>(before & 0xffffu);
+  int pos = static_cast<int>(before >> 16) + min(eq_before, tie_count);
+  for (int i = b; i < e; ++i) {
+    const float v = xs[i];
+    const unsigned kb = __float_as_uint(fabsf(v));
+    bool sel = kb >= lo;
+    if (!sel && tie_count > 0 && kb == tie) {
+      sel = eq_before < tie_count;
+      ++eq_before;
+    }
+    const int8_t qv = quantize_one(v, scale);
+    if (sel) {
+      idx[pos] = i;
+      q[pos] = qv;
+      ++pos;
+    }
+    if (qdense) qdense[i] = sel ? qv : static_cast<int8_t>(0);
+  }
+  for (int i = K + tid; i < ld; i += NT) { idx[i] = 0; q[i] = 0; }
+  if (qdense) for (int i = D + tid; i < ldd; i += NT) qdense[i] = 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue for packed column `col` of token t with int32 sum acc (and acc16 = column col + 16, the
+// "up" partner of an interleaved gate column). gamma is the token's absmax.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float scale_of(const EpilogueArgs& e, int seg, float gamma) {
+  return __fdiv_rn(__fmul_rn(gamma, e.scales[seg]), 127.f);
+}
+
+__device__ __forceinline__ void epilogue_one(const EpilogueArgs& e, int t, int col, int acc, int acc16, float gamma) {
+  const int info = e.colinfo[col];
+  if (info < 0) return;
+  const int seg = info >> 24, n = info & 0xffffff;
+  const size_t o = static_cast<size_t>(t) * e.out_ld + n;
+  if (e.epi == kEpiPlain) {
+    e.out[o] = __fmul_rn(__int2float_rn(acc), scale_of(e, seg, gamma));
+  } else if (e.epi == kEpiResidual) {
+    e.out[o] = __fadd_rn(e.residual[o], __fmul_rn(__int2float_rn(acc), scale_of(e, seg, gamma)));
+  } else {
+    if ((col >> 4) & 1) return;  // up columns are consumed with their gate partner
+    const float g = __fmul_rn(__int2float_rn(acc), scale_of(e, 0, gamma));
+    const float u = __fmul_rn(__int2float_rn(acc16), scale_of(e, 1, gamma));
+    float a;
+    if (e.epi == kEpiRelu2) {
+      const float r = fmaxf(g, 0.f);
+      a = __fmul_rn(r, r);
+    } else {
+      a = __fdiv_rn(g, __fadd_rn(1.f, expf(-g)));
+    }
+    e.out[o] = __fmul_rn(a, u);
+  }
+}
+
+}  // namespace lin
+}  // namespace qsparse

@@ -1,0 +1,223 @@
+// Gather-GEMV over packed ternary rows for T <= 8 tokens (decode).
+//
+// Grid (column tiles, K-splits, tokens), 256 threads. A CTA owns C 16-byte chunks (64 packed columns
+// each) of every row and a contiguous share of the token's selected rows. Lane l works on chunk
+// l % C of groups of 4 selected rows: it loads 16 B from each of the 4 rows, byte-transposes them
+// with __byte_perm so one 32-bit word holds the same byte of the 4 rows, and for column j of the
+// byte masks (word & 0x03030303 << 2j) = code * 4^j per row; dp4a.u32.s32 with the 4 packed int8 q
+// accumulates code * q * 4^j. At the end acc >> 2j minus sum(q) gives sum(t * q) (codes are t + 1).
+// Partial sums reduce across lanes (shuffles), warps (shared memory), and splits (int32 atomics into
+// a self-resetting workspace; the last CTA of a tile, found with an arrival counter, runs the
+// epilogue and zeroes what it used, so no memset launch is ever needed: graph-friendly).
+//
+// fused=1: each CTA quantizes and selects the token itself (redundantly), saving a launch.
+#include "common.cuh"
+#include "linear_device.cuh"
+
+namespace qsparse {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// acc[16*i + 4*b + j] += code(row r, column 16i+4b+j) * q_r over the 4 rows r.
+__device__ __forceinline__ void accumulate4(int (&acc)[64], const uint4& r0, const uint4& r1, const uint4& r2,
+                                            const uint4& r3, int q4) {
+  const unsigned* w0 = &r0.x;
+  const unsigned* w1 = &r1.x;
+  const unsigned* w2 = &r2.x;
+  const unsigned* w3 = &r3.x;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const unsigned lo01 = __byte_perm(w0[i], w1[i], 0x5140), hi01 = __byte_perm(w0[i], w1[i], 0x7362);
+    const unsigned lo23 = __byte_perm(w2[i], w3[i], 0x5140), hi23 = __byte_perm(w2[i], w3[i], 0x7362);
+    unsigned tr[4];
+    tr[0] = __byte_perm(lo01, lo23, 0x5410);
+    tr[1] = __byte_perm(lo01, lo23, 0x7632);
+    tr[2] = __byte_perm(hi01, hi23, 0x5410);
+    tr[3] = __byte_perm(hi01, hi23, 0x7632);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c = 16 * i + 4 * b + j;
+        acc[c] = dp4a_us(tr[b] & (0x03030303u << (2 * j)), q4, acc[c]);
+      }
+    }
+  }
+}
+
+__host__ __device__ inline size_t align16(size_t n) { return (n + 15) & ~size_t(15); }
+__host__ __device__ inline size_t red_bytes(int C) { return static_cast<size_t>(kWarps) * C * 64 * sizeof(int); }
+
+template <bool FUSED>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ lin::SelectScratch s;
+  __shared__ int is_last;
+  const int tile = blockIdx.x, split = blockIdx.y, t = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int C = a.chunks_per_tile;
+  const int log2C = __ffs(C) - 1;
+  const int K = a.sel.K, Kpad = (K + 3) & ~3;
+  int* red = reinterpret_cast<int*>(smem);
+
+  const int32_t* idx;
+  const int8_t* q;
+  float gamma;
+  if constexpr (FUSED) {
+    float* xs = reinterpret_cast<float*>(smem + red_bytes(C));
+    int32_t* sidx = reinterpret_cast<int32_t*>(smem + red_bytes(C) + align16(a.sel.D * sizeof(float)));
+    int8_t* sq = reinterpret_cast<int8_t*>(sidx + Kpad);
+    lin::load_row<kThreads>(a.sel, t, xs, s);
+    float scale;
+    gamma = lin::block_select<kThreads>(xs, a.sel.D, K, s, &scale);
+    lin::block_compact<kThreads>(xs, a.sel.D, K, scale, s, sidx, sq, Kpad, nullptr, 0, s.redi);
+    __syncthreads();
+    idx = sidx;
+    q = sq;
+  } else {
+    idx = a.sel.idx + static_cast<size_t>(t) * a.sel.ld;
+    q = a.sel.q + static_cast<size_t>(t) * a.sel.ld;
+    gamma = a.sel.gamma[t];
+  }
+
+  // This split's share of the selected list, in whole groups of 4.
+  const int groups = Kpad >> 2;
+  const int per = (groups + a.splits - 1) / a.splits;
+  const int g0 = split * per, g1 = min(groups, g0 + per);
+  const int cl = lane & (C - 1), rl = lane >> log2C;
+  const int slot = warp * (32 >> log2C) + rl, nslots = kWarps * (32 >> log2C);
+  const int nchunks = a.RB >> 4;
+  const int chunk = tile * C + cl;
+  const bool valid = chunk < nchunks;
+
+  int acc[64];
+#pragma unroll
+  for (int c = 0; c < 64; ++c) acc[c] = 0;
+  int sumq = 0;
+  if (valid) {
+    const uint8_t* wb = a.packed + static_cast<size_t>(chunk) * 16;
+    const size_t RB = static_cast<size_t>(a.RB);
+#pragma unroll 2
+    for (int g = g0 + slot; g < g1; g += nslots) {
+      const int4 id = *reinterpret_cast<const int4*>(idx + 4 * g);
+      const int q4 = *reinterpret_cast<const int*>(q + 4 * g);
+      const uint4 r0 = ld_stream(wb + id.x * RB);
+      const uint4 r1 = ld_stream(wb + id.y * RB);
+      const uint4 r2 = ld_stream(wb + id.z * RB);
+      const uint4 r3 = ld_stream(wb + id.w * RB);
+      sumq = __dp4a(q4, 0x01010101, sumq);
+      accumulate4(acc, r0, r1, r2, r3, q4);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < 64; ++c) {
+    int v = (acc[c] >> (2 * (c & 3))) - sumq;  // exact: acc[c] is a multiple of 4^(c&3)
+    for (int o = C; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    acc[c] = v;
+  }
+  // Tile column tc = cl*64 + c lives at red[c*C + cl]: conflict-free stores.
+  if (rl == 0) {
+#pragma unroll
+    for (int c = 0; c < 64; ++c) red[warp * C * 64 + c * C + cl] = acc[c];
+  }
+  __syncthreads();
+  const int tile_n = C * 64;
+  const int npad = a.RB * 4;
+  const int col0 = tile * tile_n;
+  for (int i = tid; i < tile_n; i += kThreads) {
+    int v = red[i];
+    for (int w = 1; w < kWarps; ++w) v += red[w * tile_n + i];
+    red[i] = v;
+  }
+  if (a.splits > 1) {
+    int32_t* ws = a.ws + static_cast<size_t>(t) * npad;
+    __syncthreads();
+    for (int i = tid; i < tile_n; i += kThreads) {
+      const int tc = (i % C) * 64 + i / C;
+      const int v = red[i];
+      if (col0 + tc < npad && v != 0) atomicAdd(ws + col0 + tc, v);
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      const int ntiles = (nchunks + C - 1) / C;
+      unsigned* ctr = a.counters + static_cast<size_t>(t) * ntiles + tile;
+      const unsigned prev = atomicAdd(ctr, 1u);
+      is_last = prev == static_cast<unsigned>(a.splits - 1);
+      if (is_last) *ctr = 0u;  // reset for the next call
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int i = tid; i < tile_n; i += kThreads) {
+      const int tc = (i % C) * 64 + i / C;
+      int v = 0;
+      if (col0 + tc < npad) {
+        v = __ldcg(ws + col0 + tc);
+        ws[col0 + tc] = 0;
+      }
+      red[i] = v;
+    }
+  }
+  __syncthreads();
+  for (int tc = tid; tc < tile_n; tc += kThreads) {
+    const int col = col0 + tc;
+    if (col >= npad) break;
+    const int v = red[(tc & 63) * C + (tc >> 6)];
+    const int tc16 = tc + 16;
+    const int v16 = tc16 < tile_n ? red[(tc16 & 63) * C + (tc16 >> 6)] : 0;
+    if (a.ep.raw) a.ep.raw[static_cast<size_t>(t) * npad + col] = v;
+    lin::epilogue_one(a.ep, t, col, v, v16, gamma);
+  }
+}
+
+template <bool FUSED>
+void configure_once() {
+  static bool done[64] = {};
+  int dev = 0;
+  QS_CUDA_CHECK(cudaGetDevice(&dev));
+  if (!done[dev & 63]) {
+    QS_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<FUSED>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    done[dev & 63] = true;
+  }
+}
+
+}  // namespace
+
+size_t gemv_fused_smem_bytes(int D, int K, int chunks_per_tile) {
+  const size_t kpad = static_cast<size_t>((K + 3) & ~3);
+  return red_bytes(chunks_per_tile) + align16(static_cast<size_t>(D) * sizeof(float)) + kpad * sizeof(int32_t) + kpad;
+}
+
+void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
+  const int nchunks = a.RB / 16;
+  const int ntiles = (nchunks + a.chunks_per_tile - 1) / a.chunks_per_tile;
+  const dim3 grid(ntiles, a.splits, a.sel.T);
+  if (a.fused) {
+    configure_once<true>();
+    gemv_kernel<true><<<grid, kThreads, gemv_fused_smem_bytes(a.sel.D, a.sel.K, a.chunks_per_tile), stream>>>(a);
+    QS_LAUNCH_CHECK("gemv_kernel<fused>");
+  } else {
+    configure_once<false>();
+    gemv_kernel<false><<<grid, kThreads, red_bytes(a.chunks_per_tile), stream>>>(a);
+    QS_LAUNCH_CHECK("gemv_kernel<unfused>");
+  }
+}
+
+}  // namespace qsparse
