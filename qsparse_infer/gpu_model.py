@@ -115,7 +115,6 @@ class GpuModel:
 
     def _upload(self, t: dict[str, torch.Tensor], PackedTernary) -> None:
         cfg, dev = self.cfg, self.device
-        before = torch.cuda.memory_allocated(dev)
 
         def norm(name: str) -> torch.Tensor:
             return t[name].to(device=dev, dtype=torch.float32).contiguous()
@@ -136,7 +135,11 @@ class GpuModel:
                 norm(p + "input_norm"), norm(p + "post_attn_norm"),
                 norm(p + "attn_sub_norm") if cfg.attn_sub_norm else None,
                 norm(p + "ffn_sub_norm") if cfg.ffn_sub_norm else None, **groups))
-        self.weight_bytes = torch.cuda.memory_allocated(dev) - before
+        held = [self.embed, self.final_norm] + ([] if cfg.tie_word_embeddings else [self.head])
+        for L in self.layers:
+            held += [x for x in (L.input_norm, L.post_norm, L.attn_sub_norm, L.ffn_sub_norm) if x is not None]
+            held += [x for g in (L.qkv, L.o, L.gate_up, L.down) for x in (g.packed, g.scales, g.colinfo)]
+        self.weight_bytes = sum(x.numel() * x.element_size() for x in held)  # as held on the GPU
         # what a decode step must read at S = 0 from weights: packed rows + head (+ one embedding row)
         self.packed_bytes = sum(getattr(L, g).packed.numel() for L in self.layers
                                 for g in ("qkv", "o", "gate_up", "down"))

@@ -134,9 +134,21 @@ class TorchPeer:
                     body()
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            body()
+        try:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                body()
+        except Exception:
+            if fn is self._step:
+                raise
+            torch.cuda.synchronize(self.device)
+            fn, mode = self._step, "eager+cudagraph (capturing the compiled step failed)"
+            with torch.cuda.stream(side):
+                body()
+            torch.cuda.synchronize(self.device)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                body()
         torch.cuda.synchronize(self.device)
         self.mode = mode
         return mode
