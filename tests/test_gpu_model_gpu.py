@@ -1,14 +1,22 @@
 """The GPU decoder on small random models against the CPU reference.
 
+The reference for a bf16 KV cache is the reference model with K (after RoPE) and V rounded to bf16
+where the cache stores them (bf16_kv below): these random models are deliberately sensitive (int8
+rounding and top-K selection are discontinuous), and bf16 K/V alone moves the reference's own logits by
+32% (bitnet config) / 2% (llama config), so comparing a bf16-cache GPU run with the fp32 reference would
+test nothing.
+
 Near-tie rule (greedy): the reference is teacher-forced on the GPU's tokens, step by step. At every step
 the GPU token must equal the reference argmax, unless the reference's logit gap between its argmax and
 the GPU's token is below EPS_TIE = 2e-3 * max|reference logits| (a near-tie that the allowed numerical
-differences can flip: int8 rounding or a top-K channel chosen at a near-tie of |x| after fp32 sums in
-another order); at most 2 such flips in 40 steps. Logits: relative error (||gpu - ref|| / ||ref||) <=
-LOGITS_TOL (fp32 KV cache) or LOGITS_TOL_BF16 (bf16 KV cache).
+differences can flip); at most 2 such flips in 40 steps.
+Logits (relative error ||gpu - ref|| / ||ref||): full-sequence forward <= LOGITS_TOL; decode-step logits
+<= STEP_TOL, looser because the decode attention sums in another order (split over blocks), and in these
+sensitive models one flipped int8 rounding or top-K channel moves the logits by ~1e-3.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -25,14 +33,15 @@ from qsparse_infer.format import build_reference, write_engine  # noqa: E402
 from qsparse_infer.generation import generate_tokens  # noqa: E402
 from qsparse_infer.gpu_model import GpuModel  # noqa: E402
 from qsparse_infer.random_model import random_engine, random_tensors  # noqa: E402
+from qsparse_infer import reference  # noqa: E402
 from qsparse_infer.reference import KVCache  # noqa: E402
 from qsparse_infer.sampling import SamplingSettings  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
 EPS_TIE = 2e-3
-LOGITS_TOL = 5e-3
-LOGITS_TOL_BF16 = 2e-2
+LOGITS_TOL = 1e-3
+STEP_TOL = 2e-2
 STEPS = 40
 
 CONFIGS = {
@@ -47,6 +56,30 @@ CONFIGS = {
                           attn_sub_norm=False, ffn_sub_norm=False, tie_word_embeddings=False),
               SparsityConfig(), torch.float32),
 }
+
+
+@contextlib.contextmanager
+def bf16_kv(model, enabled: bool = True):
+    """Make the reference round K (after RoPE) and V to bf16, exactly where the GPU cache stores them."""
+    if not enabled:
+        yield
+        return
+    cfg = model.cfg
+    assert cfg.num_heads != cfg.num_kv_heads  # RoPE calls for K are told apart by their head count
+    orig_rope = reference.apply_rope
+
+    def rope(x, cos, sin):
+        y = orig_rope(x, cos, sin)
+        return y.bfloat16().float() if x.shape[-2] == cfg.num_kv_heads else y
+
+    hooks = [blk.attn.v.register_forward_hook(lambda m, i, o: o.bfloat16().float()) for blk in model.layers]
+    reference.apply_rope = rope
+    try:
+        yield
+    finally:
+        reference.apply_rope = orig_rope
+        for h in hooks:
+            h.remove()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,14 +98,14 @@ def model_pair(request):
 def test_logits_match_reference(model_pair):
     name, ef, ref = model_pair
     ids = torch.randint(0, ef.config.vocab_size, (37,), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = ref(ids)
-    for kv, tol in ((torch.float32, LOGITS_TOL), (torch.bfloat16, LOGITS_TOL_BF16)):
+    for kv in (torch.float32, torch.bfloat16):
+        with torch.no_grad(), bf16_kv(ref, kv == torch.bfloat16):
+            want = ref(ids)
         gpu = GpuModel(ef, kv_dtype=kv, use_graph=False)
         got = gpu.logits(ids)
         err = rel(got, want)
         print(f"[{name}] logits rel err, kv {kv}: {err:.2e}")
-        assert err < tol
+        assert err < LOGITS_TOL
         del gpu
 
 
@@ -91,7 +124,7 @@ def test_greedy_matches_reference(model_pair, kv):
     # teacher-forced reference on the GPU's sequence
     cache = KVCache.empty(cfg, len(prompt) + STEPS)
     flips, worst = 0, 0.0
-    with torch.no_grad():
+    with torch.no_grad(), bf16_kv(ref, kv == torch.bfloat16):
         r = ref(torch.tensor(prompt), cache, 0)[-1]
         pos = len(prompt)
         for i, tok in enumerate(toks):
@@ -105,7 +138,7 @@ def test_greedy_matches_reference(model_pair, kv):
             pos += 1
     print(f"[{name}] kv {kv}: {STEPS} greedy steps, {flips} near-tie flips, worst step logits rel err {worst:.2e}")
     assert flips <= 2
-    assert worst < (LOGITS_TOL if kv == torch.float32 else LOGITS_TOL_BF16)
+    assert worst < STEP_TOL
 
 
 def test_graph_equals_eager(model_pair):
@@ -163,7 +196,8 @@ def test_gpu_greedy_equals_cpu_greedy_text(cuda_engine):
     model, cfg = eng.model, eng.config
     cache = KVCache.empty(cfg, len(ids) + 33)
     flips = 0
-    with torch.no_grad():
+    assert eng.gpu.kv_dtype == torch.bfloat16
+    with torch.no_grad(), bf16_kv(model):
         r = model(torch.tensor(ids), cache, 0)[-1]
         pos = len(ids)
         for tok in g:  # teacher-forced, near-tie rule as above
