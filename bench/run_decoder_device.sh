@@ -23,6 +23,9 @@ for what in "$@"; do
       python3 -m qsparse_infer.cli bench --shape 2b4t --sparsity 0,0.4,0.6,0.8 --prompt-len 128 --new-tokens 256 \
         --reps ${REPS:-3} --json "$OUT/e2e.json" 2>&1 | tee "$OUT/bench.log" | tail -30
       ;;
+    diag)
+      timeout 150 python3 "$SRC/bench/decoder_diag.py" --sparsity 0,0.6 2>&1 | tee "$OUT/diag.log" | tail -45
+      ;;
     bench8b)
       python3 -m qsparse_infer.cli bench --shape 8b --sparsity 0,0.6 --prompt-len 128 --new-tokens 256 \
         --reps 2 --json "$OUT/e2e-8b.json" 2>&1 | tee "$OUT/bench8b.log" | tail -20
