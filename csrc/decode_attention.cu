@@ -4,7 +4,7 @@
 // are handled together, so every K/V row is read once per block. A warp takes one position at a time:
 // its lanes hold hd/32 channels of K and V, the dot product is a warp reduction, and each warp keeps an
 // online softmax (max m, sum l, acc) per head. The 4 warps merge through shared memory. With nsplit > 1
-// the filled positions [0, len) are divided evenly over min(nsplit, ceil(len / 16)) blocks (len read from the device, so a
+// the filled positions [0, len) are divided evenly over min(nsplit, ceil(len / 32)) blocks (len read from the device, so a
 // graph replay sees the current length); each writes (m, l, acc) to the workspace and the last block to
 // arrive (atomic counter) merges them in a fixed order, then resets the counter for the next launch.
 #include <cmath>
@@ -17,7 +17,7 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxG = 8;
 // Fewest positions a split handles: below this, the merge costs more than the parallelism gains.
-constexpr int kMinChunk = 16;
+constexpr int kMinChunk = 32;
 
 template <typename C, int EPL>
 __global__ void __launch_bounds__(kWarps * 32) attention_kernel(
