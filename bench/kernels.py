@@ -165,6 +165,9 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
              "| shape | M | D | S | us | GB/s | % of copy | vs dense ternary | vs torch bf16 | vs torch topk+gather "
              "| variant |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | failed: {r['error']} |")
+            continue
         lines.append(f"| {r['shape']} | {r['M']} | {r['D']} | {r['sparsity']} | {r['us']:.2f} | {r['gbps']:.0f} | "
                      f"{r['pct_of_copy']:.1f} | {r['speedup_vs_dense_ternary']:.2f} | {r['speedup_vs_torch_bf16']:.1f}"
                      f" | {r['speedup_vs_torch_topk_gather']:.1f} | {r['variant']} |")
@@ -187,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, d, segs, glu in SHAPES:
         if args.only and args.only not in name:
             continue
-        rows += bench_shape(name, d, segs, glu, copy, args.quick)
+        try:
+            rows += bench_shape(name, d, segs, glu, copy, args.quick)
+        except Exception as e:  # keep the other shapes' numbers; the failure is printed and recorded
+            print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+            rows.append({"shape": name, "error": f"{type(e).__name__}: {e}"})
+            torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "copy_gbps": round(copy, 1), "torch": torch.__version__}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

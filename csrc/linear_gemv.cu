@@ -19,6 +19,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr int kStageGroups = 1024;  // unfused: selected groups staged in shared memory per batch
 
 __device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
   int d;
@@ -26,11 +27,12 @@ __device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
   return d;
 }
 
+// Not volatile: the compiler may hoist these loads above independent arithmetic (more bytes in flight).
 __device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
   return v;
 }
 
@@ -75,6 +77,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
   const int log2C = __ffs(C) - 1;
   const int K = a.sel.K, Kpad = (K + 3) & ~3;
   int* red = reinterpret_cast<int*>(smem);
+  unsigned char* stage = smem + red_bytes(C);  // unfused only: [kStageGroups] int4 idx, then int q4
 
   const int32_t* idx;
   const int8_t* q;
@@ -110,20 +113,50 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
 #pragma unroll
   for (int c = 0; c < 64; ++c) acc[c] = 0;
   int sumq = 0;
-  if (valid) {
-    const uint8_t* wb = a.packed + static_cast<size_t>(chunk) * 16;
-    const size_t RB = static_cast<size_t>(a.RB);
-#pragma unroll 2
-    for (int g = g0 + slot; g < g1; g += nslots) {
-      const int4 id = *reinterpret_cast<const int4*>(idx + 4 * g);
-      const int q4 = *reinterpret_cast<const int*>(q + 4 * g);
-      const uint4 r0 = ld_stream(wb + id.x * RB);
-      const uint4 r1 = ld_stream(wb + id.y * RB);
-      const uint4 r2 = ld_stream(wb + id.z * RB);
-      const uint4 r3 = ld_stream(wb + id.w * RB);
-      sumq = __dp4a(q4, 0x01010101, sumq);
-      accumulate4(acc, r0, r1, r2, r3, q4);
+  const uint8_t* wb = a.packed + static_cast<size_t>(valid ? chunk : 0) * 16;
+  const size_t RB = static_cast<size_t>(a.RB);
+  // The selected list is read from shared memory: the fused CTA built it there; otherwise this
+  // split's share is staged in batches (coalesced, all loads in flight at once).
+  const int4* sid4 = FUSED ? reinterpret_cast<const int4*>(idx) : reinterpret_cast<const int4*>(stage);
+  const int* sq4 = FUSED ? reinterpret_cast<const int*>(q) : reinterpret_cast<const int*>(stage + 16 * kStageGroups);
+  for (int b0 = g0; b0 < g1; b0 += FUSED ? (g1 - g0) : kStageGroups) {
+    const int b1 = FUSED ? g1 : min(g1, b0 + kStageGroups);
+    const int base = FUSED ? 0 : b0;
+    if constexpr (!FUSED) {
+      const int4* gi = reinterpret_cast<const int4*>(idx) + b0;
+      const int* gq = reinterpret_cast<const int*>(q) + b0;
+      int4* si = reinterpret_cast<int4*>(stage);
+      int* sqw = reinterpret_cast<int*>(stage + 16 * kStageGroups);
+      for (int i = tid; i < b1 - b0; i += kThreads) {
+        si[i] = __ldg(gi + i);
+        sqw[i] = __ldg(gq + i);
+      }
+      __syncthreads();
     }
+    if (valid) {
+      // Two groups (8 rows, 8 x 16 B loads) in flight per thread per step.
+      for (int g = b0 + slot; g < b1; g += 2 * nslots) {
+        const bool two = g + nslots < b1;
+        const int4 ia = sid4[g - base];
+        const int qa = sq4[g - base];
+        const int4 ib = two ? sid4[g + nslots - base] : ia;
+        const int qb = two ? sq4[g + nslots - base] : 0;
+        const uint4 a0 = ld_stream(wb + ia.x * RB), a1 = ld_stream(wb + ia.y * RB);
+        const uint4 a2 = ld_stream(wb + ia.z * RB), a3 = ld_stream(wb + ia.w * RB);
+        uint4 c0 = make_uint4(0, 0, 0, 0), c1 = c0, c2 = c0, c3 = c0;
+        if (two) {
+          c0 = ld_stream(wb + ib.x * RB);
+          c1 = ld_stream(wb + ib.y * RB);
+          c2 = ld_stream(wb + ib.z * RB);
+          c3 = ld_stream(wb + ib.w * RB);
+        }
+        sumq = __dp4a(qa, 0x01010101, sumq);
+        sumq = __dp4a(qb, 0x01010101, sumq);
+        accumulate4(acc, a0, a1, a2, a3, qa);
+        accumulate4(acc, c0, c1, c2, c3, qb);  // qb = 0 when absent: adds nothing
+      }
+    }
+    if constexpr (!FUSED) __syncthreads();  // the stage is overwritten by the next batch
   }
 #pragma unroll
   for (int c = 0; c < 64; ++c) {
@@ -215,7 +248,7 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
     QS_LAUNCH_CHECK("gemv_kernel<fused>");
   } else {
     configure_once<false>();
-    gemv_kernel<false><<<grid, kThreads, red_bytes(a.chunks_per_tile), stream>>>(a);
+    gemv_kernel<false><<<grid, kThreads, red_bytes(a.chunks_per_tile) + kStageGroups * 20, stream>>>(a);
     QS_LAUNCH_CHECK("gemv_kernel<unfused>");
   }
 }

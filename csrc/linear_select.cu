@@ -7,7 +7,7 @@
 namespace qsparse {
 namespace {
 
-constexpr int kSelectThreads = 512;
+constexpr int kSelectThreads = 1024;  // one CTA per token: use the whole SM (large D)
 
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
   extern __shared__ float xs[];

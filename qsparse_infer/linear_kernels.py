@@ -205,7 +205,8 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
     ntiles = -(-nchunks // c)
     groups = -(-k // 4)
     nslots = 8 * 32 // c
-    splits = max(1, min(-(-2 * _sm_count[idx] // ntiles), -(-groups // nslots)))
+    # At most ~2 co-resident CTAs per SM (121 registers x 256 threads): one wave, no tail wave.
+    splits = max(1, min(2 * _sm_count[idx] // ntiles, -(-groups // nslots)))
     smem = ext().gemv_fused_smem_bytes(w.in_features, k, c)
     if variant is None:
         fused = w.in_features <= FUSED_MAX_D and smem <= _SMEM_LIMIT

@@ -91,7 +91,7 @@ def test_pack_unpack_reject_bad_values():
     bad = torch.full((16, 8), 2, dtype=torch.int8, device=DEV)
     with pytest.raises(ValueError, match="outside"):
         lk.pack_ternary_gpu([bad])
-    corrupt = torch.full((8, 4), 0xFF, dtype=torch.uint8, device=DEV)
+    corrupt = torch.full((8, 16), 0xFF, dtype=torch.uint8, device=DEV)  # [D, Npad/4] for one 16-col segment
     with pytest.raises(ValueError, match="code 3"):
         lk.unpack_ternary_gpu(corrupt, [16])
 
@@ -101,7 +101,7 @@ def test_pack_unpack_reject_bad_values():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("d", [1, 7, 997, 2563])
+@pytest.mark.parametrize("d", [1, 7, 997, 2560, 2563])  # 2560: the vectorized row loads
 @pytest.mark.parametrize("s", SPARSITIES)
 @pytest.mark.parametrize("kind", ["randn", "ties", "zero_token"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
