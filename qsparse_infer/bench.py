@@ -211,6 +211,18 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", f"PyTorch bf16 peer ({p['mode']}, same shape, random weights): decode "
                       f"{p['decode_tok_s']:.0f} tok/s ({p['decode_ms_per_token']:.3f} ms/token), prefill "
                       f"{p['prefill_tok_s']:.0f} tok/s, peak {p['peak_gpu_bytes'] / 2**30:.2f} GiB."]
+    runs = res["runs"]
+    if "0.6" in runs and "0" in runs:
+        r6 = runs["0.6"]
+        lines += ["", "Targets (issue 4, H100, 2B4T shape, S = 0.6):", ""]
+        if "torch_bf16_decode_tok_s" in res:
+            x = res["speedup_vs_torch_bf16"]["0.6"]
+            lines.append(f"- decode >= 5x the torch bf16 peer: {x:.2f}x ({'met' if x >= 5 else 'missed'})")
+        x = res["speedup_vs_our_s0"]["0.6"]
+        lines.append(f"- S=0.6 >= 1.3x our S=0: {x:.2f}x ({'met' if x >= 1.3 else 'missed'})")
+        x = r6["peak_over_ideal"]
+        lines.append(f"- peak GPU memory <= 1.2x (packed + embeddings + head + KV): {x:.3f}x "
+                     f"({'met' if x <= 1.2 else 'missed'})")
     return "\n".join(lines) + "\n"
 
 
