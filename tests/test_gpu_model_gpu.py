@@ -247,3 +247,21 @@ def test_memory_report(model_pair):
     b = gpu.bytes_per_token(50)
     assert b["lm_head"] == cfg.vocab_size * cfg.hidden_size * gpu.head.element_size()
     assert 0 < b["weight_rows"] <= packed
+
+
+def test_sparse_lm_head_input(model_pair):
+    """sparsity.lm_head > 0: the final-norm output is top-K masked before the (dense) head, as in the reference."""
+    name, ef, _ = model_pair
+    sp = SparsityConfig(attn=0.5, o=0.4, mlp=0.6, down=0.3, lm_head=0.3)
+    ref = build_reference(ef, sp)
+    ids = torch.randint(0, ef.config.vocab_size, (21,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(ids)
+    gpu = GpuModel(ef, sp, kv_dtype=torch.float32)
+    assert rel(gpu.logits(ids), want) < LOGITS_TOL
+    s = SamplingSettings(temperature=0)
+    runs = []
+    for graph in (True, False):
+        gpu.set_graph(graph)
+        runs.append([gpu.prefill(ids[:5], s)] + [gpu.step() for _ in range(6)])
+    assert runs[0] == runs[1]
