@@ -1,12 +1,76 @@
+// Python bindings of the decoder kernels. Pointers and the stream are plain integers (tensor.data_ptr(),
+// torch.cuda.current_stream().cuda_stream); qsparse_infer/decode_kernels.py validates tensors first.
 #include <pybind11/pybind11.h>
 
 #include "common.cuh"
+#include "decode_kernels.cuh"
 
 namespace py = pybind11;
 
 namespace qsparse {
 
+namespace {
+template <typename T>
+T* p(uintptr_t v) {
+  return reinterpret_cast<T*>(v);
+}
+}  // namespace
+
 void register_decode(py::module_& m) {
+  m.def(
+      "embedding_gather",
+      [](uintptr_t table, int dtype, uintptr_t ids, int T, int H, int V, uintptr_t out, uintptr_t stream) {
+        require_gpu();
+        embedding_gather(p<const void>(table), dtype, p<const int32_t>(ids), T, H, V, p<float>(out),
+                         as_stream(stream));
+      },
+      "out[t] = float(table[ids[t]])");
+  m.def(
+      "rmsnorm",
+      [](uintptr_t x, uintptr_t w, uintptr_t out, int T, int H, float eps, uintptr_t stream) {
+        require_gpu();
+        rmsnorm(p<const float>(x), p<const float>(w), p<float>(out), T, H, eps, as_stream(stream));
+      },
+      "fp32 RMSNorm over rows of x");
+  m.def(
+      "rope_append",
+      [](uintptr_t qkv, int stride, int T, int nq, int nkv, int hd, uintptr_t cos_t, uintptr_t sin_t,
+         uintptr_t start, uintptr_t kc, uintptr_t vc, int cache_dtype, int max_len, uintptr_t stream) {
+        require_gpu();
+        rope_append(p<float>(qkv), stride, T, nq, nkv, hd, p<const float>(cos_t), p<const float>(sin_t),
+                    p<const int32_t>(start), p<void>(kc), p<void>(vc), cache_dtype, max_len, as_stream(stream));
+      },
+      "rotate q in place, write rotated k and v into the KV cache at *start + t");
+  m.def(
+      "attention",
+      [](uintptr_t qkv, int stride, int T, int nq, int nkv, int hd, uintptr_t kc, uintptr_t vc, int cache_dtype,
+         int max_len, uintptr_t start, uintptr_t out, int nsplit, uintptr_t ws, uintptr_t counters,
+         uintptr_t stream) {
+        require_gpu();
+        attention(p<const float>(qkv), stride, T, nq, nkv, hd, p<const void>(kc), p<const void>(vc), cache_dtype,
+                  max_len, p<const int32_t>(start), p<float>(out), nsplit, p<float>(ws), p<int>(counters),
+                  as_stream(stream));
+      },
+      "causal GQA attention over the KV cache (split over blocks when nsplit > 1)");
+  m.def(
+      "lm_head",
+      [](uintptr_t x, uintptr_t norm_w, float eps, uintptr_t W, int wdtype, int T, int V, int H, uintptr_t logits,
+         uintptr_t stream) {
+        require_gpu();
+        lm_head(p<const float>(x), p<const float>(norm_w), eps, p<const void>(W), wdtype, T, V, H, p<float>(logits),
+                as_stream(stream));
+      },
+      "logits = RMSNorm(x) @ W^T (norm skipped when norm_w == 0)");
+  m.def(
+      "sample",
+      [](uintptr_t logits, int V, uintptr_t seen, uintptr_t fparams, uintptr_t iparams, uintptr_t rng, uintptr_t pos,
+         int advance, uintptr_t token, uintptr_t history, int hist_len, uintptr_t stream) {
+        require_gpu();
+        sample(p<const float>(logits), V, p<uint8_t>(seen), p<const float>(fparams), p<const int32_t>(iparams),
+               p<int64_t>(rng), p<int32_t>(pos), advance, p<int32_t>(token), p<int32_t>(history), hist_len,
+               as_stream(stream));
+      },
+      "sample one token on the GPU (greedy / temperature / top-k / top-p / repetition penalty)");
 }
 
 }  // namespace qsparse

@@ -1,0 +1,208 @@
+// GQA attention over the KV cache: one kernel for decode (T = 1, split over blocks) and causal prefill.
+//
+// Block = 4 warps for one (split, kv head, query token). The G = nq/nkv query heads sharing that kv head
+// are handled together, so every K/V row is read once per block. A warp takes one position at a time:
+// its lanes hold hd/32 channels of K and V, the dot product is a warp reduction, and each warp keeps an
+// online softmax (max m, sum l, acc) per head. The 4 warps merge through shared memory. With nsplit > 1
+// the filled positions [0, len) are divided evenly over min(nsplit, ceil(len / 32)) blocks (len read from the device, so a
+// graph replay sees the current length); each writes (m, l, acc) to the workspace and the last block to
+// arrive (atomic counter) merges them in a fixed order, then resets the counter for the next launch.
+#include <cmath>
+
+#include "decode_common.cuh"
+
+namespace qsparse {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kMaxG = 8;
+// Fewest positions a split handles: below this, the merge costs more than the parallelism gains.
+constexpr int kMinChunk = 32;
+
+template <typename C, int EPL>
+__global__ void __launch_bounds__(kWarps * 32) attention_kernel(
+    const float* __restrict__ qkv, int stride, int nq, int nkv, int hd, const C* __restrict__ kc,
+    const C* __restrict__ vc, int max_len, const int32_t* __restrict__ start, float* __restrict__ out, int nsplit,
+    float* ws, int* counters, float scale) {
+  const int split = blockIdx.x, g = blockIdx.y, t = blockIdx.z;
+  const int G = nq / nkv;
+  const int len = min(*start + t + 1, max_len);
+  // Splits actually used for this length (the rest only check in at the counter).
+  const int eff = nsplit == 1 ? 1 : min(nsplit, (len + kMinChunk - 1) / kMinChunk);
+  const int chunk = (len + eff - 1) / eff;
+  const int p0 = split * chunk, p1 = min(len, p0 + chunk);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  extern __shared__ float smem[];
+  float* q_s = smem;                   // [G][hd]
+  float* wm = q_s + G * hd;            // [kWarps][G]
+  float* wl = wm + kWarps * G;         // [kWarps][G]
+  float* wacc = wl + kWarps * G;       // [kWarps][G][hd]
+  const float* qrow = qkv + (size_t)t * stride + (size_t)g * G * hd;
+  for (int i = threadIdx.x; i < G * hd; i += blockDim.x) q_s[i] = qrow[i];
+  __syncthreads();
+
+  float m[kMaxG], l[kMaxG], acc[kMaxG][EPL];
+#pragma unroll
+  for (int h = 0; h < kMaxG; ++h) {
+    m[h] = -INFINITY;
+    l[h] = 0.f;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) acc[h][e] = 0.f;
+  }
+  const C* kb = kc + (size_t)g * max_len * hd;
+  const C* vb = vc + (size_t)g * max_len * hd;
+  for (int p = p0 + warp; p < p1; p += kWarps) {
+    float kv[EPL], vv[EPL];
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) {
+      const int d = lane + 32 * e;
+      kv[e] = d < hd ? dec::to_f<C>(kb[(size_t)p * hd + d]) : 0.f;
+      vv[e] = d < hd ? dec::to_f<C>(vb[(size_t)p * hd + d]) : 0.f;
+    }
+#pragma unroll
+    for (int h = 0; h < kMaxG; ++h) {
+      if (h < G) {
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) {
+          const int d = lane + 32 * e;
+          if (d < hd) s += q_s[h * hd + d] * kv[e];
+        }
+        s = dec::warp_sum(s) * scale;
+        const float mn = fmaxf(m[h], s);
+        const float corr = expf(m[h] - mn);  // m = -inf on the first key: corr = 0
+        const float pe = expf(s - mn);
+        l[h] = l[h] * corr + pe;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) acc[h][e] = acc[h][e] * corr + pe * vv[e];
+        m[h] = mn;
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < kMaxG; ++h) {
+    if (h < G) {
+      if (lane == 0) {
+        wm[warp * G + h] = m[h];
+        wl[warp * G + h] = l[h];
+      }
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        const int d = lane + 32 * e;
+        if (d < hd) wacc[(warp * G + h) * hd + d] = acc[h][e];
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int idx = threadIdx.x; idx < G * hd && split < eff; idx += blockDim.x) {
+    const int h = idx / hd, d = idx % hd;
+    float M = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wm[w * G + h]);
+    float L = 0.f, A = 0.f;
+    if (M != -INFINITY) {
+      for (int w = 0; w < kWarps; ++w) {
+        const float mw = wm[w * G + h];
+        if (mw == -INFINITY) continue;
+        const float c = expf(mw - M);
+        L += wl[w * G + h] * c;
+        A += wacc[(w * G + h) * hd + d] * c;
+      }
+    }
+    const int qh = g * G + h;
+    if (nsplit == 1) {
+      out[(size_t)t * nq * hd + (size_t)qh * hd + d] = L > 0.f ? A / L : 0.f;
+    } else {
+      float* pb = ws + ((size_t)qh * nsplit + split) * (hd + 2);
+      pb[2 + d] = A;
+      if (d == 0) {
+        pb[0] = M;
+        pb[1] = L;
+      }
+    }
+  }
+  if (nsplit == 1) return;
+
+  // Last block of this kv head merges all splits (fixed order: deterministic whichever block is last).
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&counters[g], 1) == nsplit - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < G * hd; idx += blockDim.x) {
+    const int h = idx / hd, d = idx % hd;
+    const int qh = g * G + h;
+    const float* base = ws + (size_t)qh * nsplit * (hd + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < eff; ++s) M = fmaxf(M, __ldcg(base + (size_t)s * (hd + 2)));
+    float L = 0.f, A = 0.f;
+    for (int s = 0; s < eff; ++s) {
+      const float* pb = base + (size_t)s * (hd + 2);
+      const float ms = __ldcg(pb);
+      if (ms == -INFINITY) continue;
+      const float c = expf(ms - M);
+      L += __ldcg(pb + 1) * c;
+      A += __ldcg(pb + 2 + d) * c;
+    }
+    out[(size_t)qh * hd + d] = L > 0.f ? A / L : 0.f;
+  }
+  if (threadIdx.x == 0) counters[g] = 0;
+}
+
+template <typename C, int EPL>
+void launch(const float* qkv, int stride, int T, int nq, int nkv, int hd, const void* kc, const void* vc,
+            int max_len, const int32_t* start, float* out, int nsplit, float* ws, int* counters,
+            cudaStream_t stream) {
+  const int G = nq / nkv;
+  const size_t smem = sizeof(float) * ((size_t)G * hd + 2 * kWarps * G + (size_t)kWarps * G * hd);
+  auto kern = attention_kernel<C, EPL>;
+  if (smem > 48 * 1024) {
+    QS_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  }
+  dim3 grid(nsplit, nkv, T);
+  kern<<<grid, kWarps * 32, smem, stream>>>(qkv, stride, nq, nkv, hd, (const C*)kc, (const C*)vc, max_len, start,
+                                            out, nsplit, ws, counters, 1.0f / sqrtf((float)hd));
+  QS_LAUNCH_CHECK("attention_kernel");
+}
+
+template <typename C>
+void dispatch_hd(const float* qkv, int stride, int T, int nq, int nkv, int hd, const void* kc, const void* vc,
+                 int max_len, const int32_t* start, float* out, int nsplit, float* ws, int* counters,
+                 cudaStream_t stream) {
+  if (hd <= 32) {
+    launch<C, 1>(qkv, stride, T, nq, nkv, hd, kc, vc, max_len, start, out, nsplit, ws, counters, stream);
+  } else if (hd <= 64) {
+    launch<C, 2>(qkv, stride, T, nq, nkv, hd, kc, vc, max_len, start, out, nsplit, ws, counters, stream);
+  } else {
+    launch<C, 4>(qkv, stride, T, nq, nkv, hd, kc, vc, max_len, start, out, nsplit, ws, counters, stream);
+  }
+}
+
+}  // namespace
+
+void attention(const float* qkv, int stride, int T, int nq, int nkv, int hd, const void* kcache,
+               const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out, int nsplit,
+               float* ws, int* counters, cudaStream_t stream) {
+  if (T <= 0) return;
+  if (nkv <= 0 || nq % nkv) throw std::invalid_argument("attention: num_heads must be a multiple of num_kv_heads");
+  if (nq / nkv > kMaxG) throw std::invalid_argument("attention: at most 8 query heads per kv head are supported");
+  if (hd > 128) throw std::invalid_argument("attention: head_dim > 128 is not supported");
+  if (nsplit < 1) throw std::invalid_argument("attention: nsplit must be >= 1");
+  if (nsplit > 1 && (T != 1 || ws == nullptr || counters == nullptr)) {
+    throw std::invalid_argument("attention: split-K needs T == 1, a workspace and counters");
+  }
+  if (cache_dtype == kDBF16) {
+    dispatch_hd<__nv_bfloat16>(qkv, stride, T, nq, nkv, hd, kcache, vcache, max_len, start, out, nsplit, ws,
+                               counters, stream);
+  } else if (cache_dtype == kDF32) {
+    dispatch_hd<float>(qkv, stride, T, nq, nkv, hd, kcache, vcache, max_len, start, out, nsplit, ws, counters,
+                       stream);
+  } else {
+    throw std::invalid_argument("attention: KV cache must be float32 or bfloat16");
+  }
+}
+
+}  // namespace qsparse

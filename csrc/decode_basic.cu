@@ -1,0 +1,107 @@
+// Embedding gather, RMSNorm and RoPE + KV-cache append.
+#include <cmath>
+
+#include "decode_common.cuh"
+
+namespace qsparse {
+namespace {
+
+template <typename T>
+__global__ void embedding_kernel(const T* __restrict__ table, const int32_t* __restrict__ ids, int H, int V,
+                                 float* __restrict__ out) {
+  const int t = blockIdx.y;
+  const int id = ids[t];
+  const bool ok = id >= 0 && id < V;
+  for (int h = blockIdx.x * blockDim.x + threadIdx.x; h < H; h += gridDim.x * blockDim.x) {
+    out[(size_t)t * H + h] = ok ? dec::to_f<T>(table[(size_t)id * H + h]) : NAN;
+  }
+}
+
+__global__ void rmsnorm_kernel(const float* __restrict__ x, const float* __restrict__ w, float* out, int H,
+                               float eps) {
+  __shared__ float scratch[32];
+  const float* xr = x + (size_t)blockIdx.x * H;
+  float ss = 0.f;
+  for (int h = threadIdx.x; h < H; h += blockDim.x) ss += xr[h] * xr[h];
+  ss = dec::block_sum(ss, scratch);
+  const float r = rsqrtf(ss / (float)H + eps);
+  float* o = out + (size_t)blockIdx.x * H;
+  for (int h = threadIdx.x; h < H; h += blockDim.x) o[h] = xr[h] * r * w[h];
+}
+
+// One block per (token, head); threads over the half dimension. Heads [0, nq) are queries (rotated in
+// place), [nq, nq + nkv) keys (rotated into the cache), [nq + nkv, nq + 2 nkv) values (copied to the cache).
+template <typename C>
+__global__ void rope_append_kernel(float* qkv, int stride, int nq, int nkv, int hd, const float* __restrict__ cos_t,
+                                   const float* __restrict__ sin_t, const int32_t* __restrict__ start,
+                                   C* __restrict__ kc, C* __restrict__ vc, int max_len) {
+  const int t = blockIdx.y, head = blockIdx.x, half = hd / 2;
+  const int pos = *start + t;
+  if (pos >= max_len) return;  // the host never lets this happen; stay in bounds regardless
+  float* row = qkv + (size_t)t * stride + (size_t)head * hd;
+  const float* c = cos_t + (size_t)pos * half;
+  const float* s = sin_t + (size_t)pos * half;
+  if (head < nq + nkv) {
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+      const float x0 = row[i], x1 = row[i + half];
+      // Exactly the reference's x*cos + rotate_half(x)*sin, two products then a sum, no FMA contraction.
+      const float y0 = __fadd_rn(__fmul_rn(x0, c[i]), __fmul_rn(-x1, s[i]));
+      const float y1 = __fadd_rn(__fmul_rn(x1, c[i]), __fmul_rn(x0, s[i]));
+      if (head < nq) {
+        row[i] = y0;
+        row[i + half] = y1;
+      } else {
+        C* dst = kc + ((size_t)(head - nq) * max_len + pos) * hd;
+        dst[i] = dec::from_f<C>(y0);
+        dst[i + half] = dec::from_f<C>(y1);
+      }
+    }
+  } else {
+    C* dst = vc + ((size_t)(head - nq - nkv) * max_len + pos) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = dec::from_f<C>(row[i]);
+  }
+}
+
+}  // namespace
+
+void embedding_gather(const void* table, int dtype, const int32_t* ids, int T, int H, int V, float* out,
+                      cudaStream_t stream) {
+  if (T <= 0 || H <= 0) return;
+  dim3 grid((H + 255) / 256 < 8 ? (H + 255) / 256 : 8, T);
+  switch (dtype) {
+    case kDF32: embedding_kernel<float><<<grid, 256, 0, stream>>>((const float*)table, ids, H, V, out); break;
+    case kDBF16:
+      embedding_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>((const __nv_bfloat16*)table, ids, H, V, out);
+      break;
+    case kDF16: embedding_kernel<__half><<<grid, 256, 0, stream>>>((const __half*)table, ids, H, V, out); break;
+    default: throw std::invalid_argument("embedding_gather: unsupported table dtype code");
+  }
+  QS_LAUNCH_CHECK("embedding_kernel");
+}
+
+void rmsnorm(const float* x, const float* w, float* out, int T, int H, float eps, cudaStream_t stream) {
+  if (T <= 0) return;
+  rmsnorm_kernel<<<T, 256, 0, stream>>>(x, w, out, H, eps);
+  QS_LAUNCH_CHECK("rmsnorm_kernel");
+}
+
+void rope_append(float* qkv, int stride, int T, int nq, int nkv, int hd, const float* cos_t, const float* sin_t,
+                 const int32_t* start, void* kcache, void* vcache, int cache_dtype, int max_len,
+                 cudaStream_t stream) {
+  if (T <= 0) return;
+  if (hd % 2) throw std::invalid_argument("rope_append: head_dim must be even");
+  dim3 grid(nq + 2 * nkv, T);
+  const int threads = hd / 2 < 32 ? 32 : (hd / 2 > 128 ? 128 : hd / 2);
+  if (cache_dtype == kDBF16) {
+    rope_append_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(
+        qkv, stride, nq, nkv, hd, cos_t, sin_t, start, (__nv_bfloat16*)kcache, (__nv_bfloat16*)vcache, max_len);
+  } else if (cache_dtype == kDF32) {
+    rope_append_kernel<float><<<grid, threads, 0, stream>>>(qkv, stride, nq, nkv, hd, cos_t, sin_t, start,
+                                                            (float*)kcache, (float*)vcache, max_len);
+  } else {
+    throw std::invalid_argument("rope_append: KV cache must be float32 or bfloat16");
+  }
+  QS_LAUNCH_CHECK("rope_append_kernel");
+}
+
+}  // namespace qsparse

@@ -1,0 +1,53 @@
+// Decoder kernels: embedding gather, RMSNorm, RoPE + KV append, attention (decode split-K and causal
+// prefill), LM head GEMV, GPU sampling. Framework-free: raw device pointers and a cudaStream_t.
+// Every position-dependent kernel reads the position from a device buffer so a captured CUDA graph
+// replays correctly step after step.
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace qsparse {
+
+// Element types a table / cache may have. Activations are always fp32 here (never fp16).
+enum DecodeDType : int { kDF32 = 0, kDBF16 = 1, kDF16 = 2 };
+
+// out[t, :] = float(table[ids[t], :]); ids are int32 on the device. An id outside [0, V) writes NaN
+// (the host validates ids first; NaN makes any slip loud instead of reading out of bounds).
+void embedding_gather(const void* table, int dtype, const int32_t* ids, int T, int H, int V, float* out,
+                      cudaStream_t stream);
+
+// out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w  (fp32; w fp32). out may alias x.
+void rmsnorm(const float* x, const float* w, float* out, int T, int H, float eps, cudaStream_t stream);
+
+// qkv [T, stride] fp32 holds q (nq*hd) | k (nkv*hd) | v (nkv*hd) per token. Rotates q in place and
+// writes rotated k and v into the layer's caches [nkv, max_len, hd] at positions *start + t.
+// cos/sin tables are [max_len, hd/2] fp32 (the first half of reference.rope_cos_sin's rows).
+void rope_append(float* qkv, int stride, int T, int nq, int nkv, int hd, const float* cos_t, const float* sin_t,
+                 const int32_t* start, void* kcache, void* vcache, int cache_dtype, int max_len,
+                 cudaStream_t stream);
+
+// Causal GQA attention for T queries at positions *start + t (query t sees keys 0 .. *start + t).
+// q: rows of qkv (stride), already rotated. out [T, nq*hd] fp32.
+// nsplit > 1 (T == 1 only): the filled positions are divided evenly over nsplit blocks per kv head; the
+// last block to finish combines the partials (workspace ws: nsplit*nq*(hd+2) floats; counters: nkv ints,
+// zero on entry, left zero on exit).
+void attention(const float* qkv, int stride, int T, int nq, int nkv, int hd, const void* kcache,
+               const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out, int nsplit,
+               float* ws, int* counters, cudaStream_t stream);
+
+// logits[t, v] = sum_h xn[t, h] * W[v, h], with xn = RMSNorm(x) * norm_w when norm_w != nullptr, else x.
+// W [V, H] bf16/fp16/fp32; fp32 accumulation.
+void lm_head(const float* x, const float* norm_w, float eps, const void* W, int wdtype, int T, int V, int H,
+             float* logits, cudaStream_t stream);
+
+// One sampled token from logits [V] (see qsparse_infer/sampling.py for the exact rules, mirrored on the CPU):
+// repetition penalty on tokens marked in seen, greedy when temperature <= 0, else top-k / top-p threshold
+// and a Gumbel-max draw with a counter-based hash of (seed, step, index).
+// fparams: {temperature, top_p, repetition_penalty}; iparams: {top_k}; rng: {seed, step} (step += 1).
+// Writes token[0], seen[token] = 1, history[*pos + advance] = token (if < hist_len), *pos += advance.
+void sample(const float* logits, int V, uint8_t* seen, const float* fparams, const int32_t* iparams, int64_t* rng,
+            int32_t* pos, int advance, int32_t* token, int32_t* history, int hist_len, cudaStream_t stream);
+
+}  // namespace qsparse

@@ -1,0 +1,295 @@
+"""`qsparse bench`: end-to-end prefill and decode speed, bytes per token, bandwidth and memory, with the
+PyTorch bf16 peer (torch_peer.py) and our own S = 0 measured in the same run.
+
+Decode is timed as CUDA-graph replays back to back (each step samples its token on the GPU and feeds it to
+the next, greedy), with a CUDA event between consecutive steps: ms/token is the median over all steps of
+all repetitions. Prefill is the median wall time of the whole prompt (synchronised). Bytes per token are
+what a step must read: the selected weight rows, the LM head and the KV cache at the mean context length.
+Copy bandwidth: a 1 GiB device-to-device copy in the same process, counting bytes read plus written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import SparsityConfig
+
+DEFAULT_SPARSITIES = "0,0.4,0.6,0.8"
+
+
+def card_slug(name: str) -> str:
+    m = re.search(r"(H100|H200|H20|A100|A10G|L40S|L4|B200|GH200|RTX ?\d{4})", name, re.I)
+    return (m.group(1) if m else name).lower().replace(" ", "")
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """GB/s of a device-to-device copy (read + write bytes), median of reps."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def _time_decode(run_step, n: int) -> list[float]:
+    """ms of each of n steps (events between consecutive steps; host runs ahead of the GPU)."""
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    ev[0].record()
+    for i in range(n):
+        run_step()
+        ev[i + 1].record()
+    ev[-1].synchronize()
+    return [ev[i].elapsed_time(ev[i + 1]) for i in range(n)]
+
+
+def _wall(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench_ours(ef: Any, sparsity: SparsityConfig, prompt: torch.Tensor, new_tokens: int, reps: int,
+               kv_dtype: torch.dtype) -> dict[str, Any]:
+    from .gpu_model import GpuModel
+    from .sampling import SamplingSettings
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    greedy = SamplingSettings(temperature=0.0)
+    p = prompt.numel()
+    model = GpuModel(ef, sparsity, max_len=p + new_tokens + 1, kv_dtype=kv_dtype)
+    model.prefill(prompt, greedy)  # warm-up (sizes the prefill workspaces)
+    prefill_s = [_wall(lambda: model.prefill(prompt, greedy)) for _ in range(reps)]
+    step_ms: list[float] = []
+    tokens = None
+    for _ in range(reps):
+        model.prefill(prompt, greedy)
+        step_ms += _time_decode(model._run_step, new_tokens)
+        seq = model.tokens()
+        assert tokens is None or seq == tokens, "greedy decoding is not reproducible"
+        tokens = seq
+    peak = torch.cuda.max_memory_allocated()
+    ms = statistics.median(step_ms)
+    bpt = model.bytes_per_token(p + new_tokens // 2)
+    ideal = model.packed_bytes + model.embed_bytes + (0 if ef.config.tie_word_embeddings else model.head_bytes) \
+        + model.kv_bytes
+    out = {
+        "sparsity": sparsity.to_dict(),
+        "prefill_tok_s": p / statistics.median(prefill_s),
+        "decode_ms_per_token": ms,
+        "decode_tok_s": 1e3 / ms,
+        "decode_tok_s_mean": 1e3 * len(step_ms) / sum(step_ms),
+        "bytes_per_token": bpt,
+        "achieved_gbps": bpt["total"] / (ms / 1e3) / 1e9,
+        "peak_gpu_bytes": peak,
+        "model_bytes_ideal": ideal,
+        "peak_over_ideal": peak / ideal,
+        "gpu_memory": model.memory,
+        "first_tokens": tokens[:8],
+    }
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_torch(cfg, prompt: torch.Tensor, new_tokens: int, reps: int, compile: bool) -> dict[str, Any]:
+    from .torch_peer import TorchPeer
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    p = prompt.numel()
+    peer = TorchPeer(cfg, max_len=p + new_tokens + 8)
+    t0 = time.perf_counter()
+    mode = peer.capture(compile=compile)
+    capture_s = time.perf_counter() - t0
+    peer.prefill(prompt)
+    prefill_s = [_wall(lambda: peer.prefill(prompt)) for _ in range(reps)]
+    step_ms: list[float] = []
+    for _ in range(reps):
+        first = peer.prefill(prompt)
+        peer.start_decode(first, p)
+        step_ms += _time_decode(peer.step, new_tokens)
+    ms = statistics.median(step_ms)
+    out = {"mode": mode, "capture_s": capture_s, "prefill_tok_s": p / statistics.median(prefill_s),
+           "decode_ms_per_token": ms, "decode_tok_s": 1e3 / ms, "weight_bytes": peer.weight_bytes,
+           "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+    del peer
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from .random_model import SHAPES, random_engine
+
+    torch.manual_seed(0)
+    kv_dtype = torch.float32 if args.kv_dtype == "fp32" else torch.bfloat16
+    sparsities = [float(s) for s in str(args.sparsity).split(",") if s.strip()]
+    if args.model:
+        from .format import read_engine
+
+        ef = read_engine(args.model)
+        cfg, label = ef.config, Path(args.model).name
+        if args.prompt_len + args.new_tokens + 1 > cfg.max_seq_len:
+            raise ValueError(f"prompt + new tokens exceed the model's context of {cfg.max_seq_len}")
+    else:
+        cfg, label = SHAPES[args.shape], args.shape
+        t0 = time.perf_counter()
+        ef = random_engine(cfg, device="cuda", seed=0)  # generated on the GPU, no file
+        torch.cuda.synchronize()
+        print(f"random {label} weights generated on the GPU in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    name = torch.cuda.get_device_name()
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1))
+    copy = copy_bandwidth()
+    res: dict[str, Any] = {
+        "card": name, "card_slug": card_slug(name), "model": label, "config": cfg.to_dict(),
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
+        "kv_dtype": args.kv_dtype, "sampling": "greedy (on the GPU)", "copy_gbps": copy,
+        "torch_version": torch.__version__, "runs": {},
+    }
+    for s in sparsities:
+        r = bench_ours(ef, SparsityConfig.uniform(s), prompt, args.new_tokens, args.reps, kv_dtype)
+        r["pct_of_copy"] = 100 * r["achieved_gbps"] / copy
+        res["runs"][f"{s:g}"] = r
+        print(f"S={s:g}: decode {r['decode_tok_s']:.0f} tok/s ({r['decode_ms_per_token']:.3f} ms), "
+              f"prefill {r['prefill_tok_s']:.0f} tok/s, {r['achieved_gbps']:.0f} GB/s ({r['pct_of_copy']:.0f}% of "
+              f"copy), peak {r['peak_gpu_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    del ef
+    torch.cuda.empty_cache()
+    runs = res["runs"]
+    res["decode_tok_s"] = {k: v["decode_tok_s"] for k, v in runs.items()}
+    res["prefill_tok_s"] = {k: v["prefill_tok_s"] for k, v in runs.items()}
+    res["peak_gpu_bytes"] = {k: v["peak_gpu_bytes"] for k, v in runs.items()}
+    if "0" in runs:
+        res["speedup_vs_our_s0"] = {k: v["decode_tok_s"] / runs["0"]["decode_tok_s"] for k, v in runs.items()}
+    if not args.no_peer:
+        peer = bench_torch(cfg, prompt, args.new_tokens, args.reps, compile=not args.peer_no_compile)
+        res["torch_bf16"] = peer
+        res["torch_bf16_decode_tok_s"] = peer["decode_tok_s"]
+        res["speedup_vs_torch_bf16"] = {k: v["decode_tok_s"] / peer["decode_tok_s"] for k, v in runs.items()}
+        print(f"torch bf16 ({peer['mode']}): decode {peer['decode_tok_s']:.0f} tok/s, prefill "
+              f"{peer['prefill_tok_s']:.0f} tok/s", file=sys.stderr)
+    return res
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [f"# End-to-end decode, {res['model']} on {res['card']}", "",
+             f"Prompt {res['prompt_len']} tokens, then {res['new_tokens']} new tokens (greedy, sampled on the GPU), "
+             f"batch 1, KV cache {res['kv_dtype']}, {res['reps']} repetitions; medians. Copy bandwidth measured in "
+             f"the same run: {res['copy_gbps']:.0f} GB/s (read + write).", "",
+             "| S (all 4 groups) | decode tok/s | ms/token | prefill tok/s | bytes/token (MB) | GB/s | % of copy | "
+             "peak GPU (GiB) | peak / (weights+emb+head+KV) | vs our S=0 | vs torch bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in res["runs"].items():
+        vs0 = res.get("speedup_vs_our_s0", {}).get(k)
+        vst = res.get("speedup_vs_torch_bf16", {}).get(k)
+        lines.append(f"| {k} | {r['decode_tok_s']:.0f} | {r['decode_ms_per_token']:.3f} | {r['prefill_tok_s']:.0f} | "
+                     f"{r['bytes_per_token']['total'] / 1e6:.0f} | {r['achieved_gbps']:.0f} | {r['pct_of_copy']:.0f}% | "
+                     f"{r['peak_gpu_bytes'] / 2**30:.2f} | {r['peak_over_ideal']:.3f} | "
+                     f"{'%.2fx' % vs0 if vs0 else '-'} | {'%.2fx' % vst if vst else '-'} |")
+    if "torch_bf16" in res:
+        p = res["torch_bf16"]
+        lines += ["", f"PyTorch bf16 peer ({p['mode']}, same shape, random weights): decode "
+                      f"{p['decode_tok_s']:.0f} tok/s ({p['decode_ms_per_token']:.3f} ms/token), prefill "
+                      f"{p['prefill_tok_s']:.0f} tok/s, peak {p['peak_gpu_bytes'] / 2**30:.2f} GiB."]
+    runs = res["runs"]
+    if "0.6" in runs and "0" in runs:
+        r6 = runs["0.6"]
+        lines += ["", "Targets (issue 4, H100, 2B4T shape, S = 0.6):", ""]
+        if "torch_bf16_decode_tok_s" in res:
+            x = res["speedup_vs_torch_bf16"]["0.6"]
+            lines.append(f"- decode >= 5x the torch bf16 peer: {x:.2f}x ({'met' if x >= 5 else 'missed'})")
+        x = res["speedup_vs_our_s0"]["0.6"]
+        lines.append(f"- S=0.6 >= 1.3x our S=0: {x:.2f}x ({'met' if x >= 1.3 else 'missed'})")
+        x = r6["peak_over_ideal"]
+        lines.append(f"- peak GPU memory <= 1.2x (packed + embeddings + head + KV): {x:.3f}x "
+                     f"({'met' if x <= 1.2 else 'missed'})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [float(k) for k in res["runs"]]
+    ys = [r["decode_tok_s"] for r in res["runs"].values()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ys, "o-", label="qsparse-infer (ternary + top-K)")
+    if "torch_bf16_decode_tok_s" in res:
+        ax.axhline(res["torch_bf16_decode_tok_s"], color="gray", ls="--", label="PyTorch bf16 (compile + graph)")
+    ax.set_xlabel("activation sparsity S (all four groups)")
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(f"{res['model']} on {res['card']}")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(res: dict[str, Any], json_path: Path) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    json_path.with_suffix(".md").write_text(markdown(res))
+    try:
+        plot(res, json_path.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is not installed: no plot (run `qsparse bench --plot-only FILE.json` elsewhere)",
+              file=sys.stderr)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="engine file to benchmark")
+    p.add_argument("--shape", choices=("2b4t", "8b"), default="2b4t",
+                   help="random ternary weights of this shape (when no --model)")
+    p.add_argument("--sparsity", default=DEFAULT_SPARSITIES, help="comma-separated list, applied to all 4 groups")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--kv-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--no-peer", action="store_true", help="skip the PyTorch bf16 peer")
+    p.add_argument("--peer-no-compile", action="store_true", help="peer without torch.compile (graph only)")
+    p.add_argument("--json", default=None, help="output JSON (default bench/results/e2e-<card>.json)")
+    p.add_argument("--plot-only", default=None, metavar="JSON", help="only (re)draw the PNG and markdown of a JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot_only:
+        src = Path(args.plot_only)
+        res = json.loads(src.read_text())
+        src.with_suffix(".md").write_text(markdown(res))
+        plot(res, src.with_suffix(".png"))
+        return 0
+    from . import _ext
+
+    _ext.require_gpu()
+    if args.prompt_len < 1 or args.new_tokens < 1:
+        raise ValueError("--prompt-len and --new-tokens must be >= 1")
+    res = run_bench(args)
+    path = Path(args.json) if args.json else Path("bench/results") / f"e2e-{res['card_slug']}.json"
+    write_outputs(res, path)
+    print(markdown(res))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,380 @@
+"""The GPU decoder: weights uploaded once, static buffers, a KV cache, batched prefill and a decode step
+captured in one CUDA graph.
+
+Decode step (one token, all through our kernels; position, token and RNG step live in device buffers so
+the captured graph replays step after step without any host work per layer):
+  embedding -> per layer:
+    ternary_linear(qkv, fused input RMSNorm) -> RoPE + KV append -> attention (split over blocks)
+    -> ternary_linear(o, fused attn sub-norm, + residual)
+    -> ternary_linear(gate_up, fused post-attention RMSNorm, GLU)
+    -> ternary_linear(down, fused FFN sub-norm, + residual)
+  -> LM head with the final RMSNorm fused -> sampling (advances position and RNG step).
+
+KV cache dtype: bf16 by default. It halves the cache bytes read per token (at 2B4T shape and 4k
+context the fp32 cache would be 630 MB vs 315 MB); K/V enter attention only through dot products and a
+weighted sum, where bf16's 2^-9 relative rounding stays far below the int8 activation quantization the
+model already applies. fp32 is available (kv_dtype=torch.float32) for exact comparisons with the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from . import decode_kernels as dk
+from .config import ModelConfig, SparsityConfig, topk_count
+from .quant import LAYOUT_CONCAT, LAYOUT_INTERLEAVE, topk_mask
+from .reference import rope_cos_sin
+from .sampling import SamplingSettings
+
+
+def group_geometry(cfg: ModelConfig, group: str) -> tuple[int, tuple[int, ...], str]:
+    """(input dim D, segment sizes, layout) of a packed projection group (docs/ARCHITECTURE.md)."""
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    if group == "qkv":
+        return h, (cfg.q_size, cfg.kv_size, cfg.kv_size), LAYOUT_CONCAT
+    if group == "o":
+        return cfg.q_size, (h,), LAYOUT_CONCAT
+    if group == "gate_up":
+        return h, (m, m), LAYOUT_INTERLEAVE
+    if group == "down":
+        return m, (h,), LAYOUT_CONCAT
+    raise ValueError(f"unknown projection group {group!r}")
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    attn_sub_norm: torch.Tensor | None
+    ffn_sub_norm: torch.Tensor | None
+    qkv: Any
+    o: Any
+    gate_up: Any
+    down: Any
+
+
+def _fmt_gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class GpuModel:
+    """One sequence on one GPU. Public: prefill(ids, settings, seed) -> first token, step() -> next token,
+    decode(n) (n steps without host syncs; tokens in .history), logits(ids), reset(), memory."""
+
+    def __init__(self, ef: Any, sparsity: SparsityConfig | None = None, *, max_len: int | None = None,
+                 kv_dtype: torch.dtype = torch.bfloat16, use_graph: bool = True,
+                 device: str | torch.device = "cuda") -> None:
+        from .linear_kernels import PackedTernary, ternary_linear
+
+        self._linear = ternary_linear
+        cfg: ModelConfig = ef.config
+        self.cfg = cfg
+        self.sparsity = sparsity or ef.sparsity
+        self.max_len = int(max_len or cfg.max_seq_len)
+        if not 2 <= self.max_len:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if kv_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"kv_dtype must be torch.bfloat16 or torch.float32, got {kv_dtype}")
+        if cfg.head_dim > 128 or cfg.num_heads // cfg.num_kv_heads > 8:
+            raise ValueError("the GPU attention kernel supports head_dim <= 128 and <= 8 query heads per kv head")
+        self.kv_dtype = kv_dtype
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.use_graph = use_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        tensors: dict[str, torch.Tensor] = {k: v for k, v in ef.tensors.items() if k != "tokenizer.bytes"}
+
+        weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values() if not t.is_cuda)
+        kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * self.max_len * cfg.head_dim * kv_dtype.itemsize
+        with torch.cuda.device(self.device):
+            free, _total = torch.cuda.mem_get_info()
+        need = weight_bytes + kv_bytes
+        if need > free:
+            raise RuntimeError(f"not enough GPU memory to load the model: needs {_fmt_gib(need)} (weights "
+                               f"{_fmt_gib(weight_bytes)} + KV cache {_fmt_gib(kv_bytes)} for {self.max_len} "
+                               f"positions), {_fmt_gib(free)} free; lower max_len or free the GPU")
+        try:
+            self._upload(tensors, PackedTernary)
+            self._allocate()
+        except torch.cuda.OutOfMemoryError:
+            self.__dict__.clear()
+            torch.cuda.empty_cache()
+            with torch.cuda.device(device):
+                free_now, _ = torch.cuda.mem_get_info()
+            raise RuntimeError(f"CUDA out of memory while loading the model: needs about {_fmt_gib(need)} "
+                               f"(weights + KV cache) plus buffers, {_fmt_gib(free_now)} free") from None
+        self._set_k()
+        if use_graph:
+            self._capture()
+        self.reset()
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _upload(self, t: dict[str, torch.Tensor], PackedTernary) -> None:
+        cfg, dev = self.cfg, self.device
+
+        def norm(name: str) -> torch.Tensor:
+            return t[name].to(device=dev, dtype=torch.float32).contiguous()
+
+        self.embed = t["embed_tokens"].to(dev).contiguous()
+        self.head = self.embed if cfg.tie_word_embeddings else t["lm_head"].to(dev).contiguous()
+        self.final_norm = norm("norm")
+        self.layers: list[_Layer] = []
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            groups = {}
+            for g in ("qkv", "o", "gate_up", "down"):
+                _, segs, layout = group_geometry(cfg, g)
+                groups[g] = PackedTernary(t[p + g + ".packed"].to(dev).contiguous(),
+                                          t[p + g + ".scales"].to(device=dev, dtype=torch.float32).contiguous(),
+                                          segs, layout)
+            self.layers.append(_Layer(
+                norm(p + "input_norm"), norm(p + "post_attn_norm"),
+                norm(p + "attn_sub_norm") if cfg.attn_sub_norm else None,
+                norm(p + "ffn_sub_norm") if cfg.ffn_sub_norm else None, **groups))
+        held = [self.embed, self.final_norm] + ([] if cfg.tie_word_embeddings else [self.head])
+        for L in self.layers:
+            held += [x for x in (L.input_norm, L.post_norm, L.attn_sub_norm, L.ffn_sub_norm) if x is not None]
+            held += [x for g in (L.qkv, L.o, L.gate_up, L.down) for x in (g.packed, g.scales, g.colinfo)]
+        self.weight_bytes = sum(x.numel() * x.element_size() for x in held)  # as held on the GPU
+        # what a decode step must read at S = 0 from weights: packed rows + head (+ one embedding row)
+        self.packed_bytes = sum(getattr(L, g).packed.numel() for L in self.layers
+                                for g in ("qkv", "o", "gate_up", "down"))
+        self.head_bytes = self.head.numel() * self.head.element_size()
+        self.embed_bytes = self.embed.numel() * self.embed.element_size()
+
+    def _allocate(self) -> None:
+        cfg, dev = self.cfg, self.device
+        before = torch.cuda.memory_allocated(dev)
+        f32, i32 = torch.float32, torch.int32
+        kv_shape = (cfg.num_layers, cfg.num_kv_heads, self.max_len, cfg.head_dim)
+        self.k_cache = torch.zeros(kv_shape, dtype=self.kv_dtype, device=dev)
+        self.v_cache = torch.zeros(kv_shape, dtype=self.kv_dtype, device=dev)
+        self.kv_bytes = 2 * self.k_cache.numel() * self.k_cache.element_size()
+        cos, sin = rope_cos_sin(torch.arange(self.max_len), cfg.head_dim, cfg.rope_theta)
+        half = cfg.head_dim // 2
+        self.cos_t = cos[:, :half].contiguous().to(dev)
+        self.sin_t = sin[:, :half].contiguous().to(dev)
+        # decode state (device buffers the graph reads and writes)
+        self.token = torch.zeros(1, dtype=i32, device=dev)
+        self.pos = torch.zeros(1, dtype=i32, device=dev)
+        self.rng = torch.zeros(2, dtype=torch.int64, device=dev)
+        self.fparams = torch.tensor([0.0, 1.0, 1.0], dtype=f32, device=dev)
+        self.iparams = torch.zeros(1, dtype=i32, device=dev)
+        self.seen = torch.zeros(cfg.vocab_size, dtype=torch.uint8, device=dev)
+        self.history = torch.full((self.max_len + 1,), -1, dtype=i32, device=dev)
+        # decode activations
+        qkv_n = cfg.q_size + 2 * cfg.kv_size
+        self.h = torch.zeros(1, cfg.hidden_size, dtype=f32, device=dev)
+        self.qkv = torch.zeros(1, qkv_n, dtype=f32, device=dev)
+        self.attn = torch.zeros(1, cfg.q_size, dtype=f32, device=dev)
+        self.mlp = torch.zeros(1, cfg.intermediate_size, dtype=f32, device=dev)
+        self.normed = torch.zeros(1, cfg.hidden_size, dtype=f32, device=dev)
+        self.logits_buf = torch.zeros(1, cfg.vocab_size, dtype=f32, device=dev)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        self.nsplit = max(1, min(64, (2 * sms) // cfg.num_kv_heads))
+        self.attn_ws = torch.zeros(self.nsplit * cfg.num_heads * (cfg.head_dim + 2), dtype=f32, device=dev)
+        self.attn_counters = torch.zeros(cfg.num_kv_heads, dtype=i32, device=dev)
+        self.buffer_bytes = torch.cuda.memory_allocated(dev) - before - self.kv_bytes
+        self.length = 0  # host mirror of pos: positions filled in the KV cache
+
+    def _set_k(self) -> None:
+        cfg, s = self.cfg, self.sparsity
+        self.k_attn = topk_count(cfg.hidden_size, s.attn)
+        self.k_o = topk_count(cfg.q_size, s.o)
+        self.k_mlp = topk_count(cfg.hidden_size, s.mlp)
+        self.k_down = topk_count(cfg.intermediate_size, s.down)
+        self.k_head = topk_count(cfg.hidden_size, s.lm_head) if s.lm_head > 0 else cfg.hidden_size
+        for name in ("k_attn", "k_o", "k_mlp", "k_down", "k_head"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sparsity {s.describe()} keeps no channel ({name} = 0)")
+
+    @property
+    def memory(self) -> dict[str, int]:
+        """GPU bytes held: weights as uploaded, KV cache, other buffers."""
+        return {"weights": self.weight_bytes, "kv_cache": self.kv_bytes, "buffers": self.buffer_bytes,
+                "total": self.weight_bytes + self.kv_bytes + self.buffer_bytes}
+
+    def bytes_per_token(self, context_len: int) -> dict[str, int]:
+        """Bytes a decode step must read at this sparsity with `context_len` filled positions."""
+        cfg = self.cfg
+        rows = 0
+        for L in self.layers:
+            for g, k in (("qkv", self.k_attn), ("o", self.k_o), ("gate_up", self.k_mlp), ("down", self.k_down)):
+                rows += k * getattr(L, g).packed.shape[1]
+        kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context_len * self.k_cache.element_size()
+        return {"weight_rows": rows, "lm_head": self.head_bytes, "kv_cache": kv, "total": rows + self.head_bytes + kv}
+
+    # -- the forward pieces ---------------------------------------------------------------------
+
+    def _layers(self, h: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor,
+                nsplit: int) -> None:
+        cfg, lin, eps = self.cfg, self._linear, self.cfg.rms_norm_eps
+        nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        glu = cfg.activation
+        for i, L in enumerate(self.layers):
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            lin(h, L.qkv, self.k_attn, norm_weight=L.input_norm, norm_eps=eps, out=qkv)
+            dk.rope_append(qkv, nq, nkv, hd, self.cos_t, self.sin_t, self.pos, kc, vc)
+            dk.attention(qkv, nq, nkv, hd, kc, vc, self.pos, out=attn, nsplit=nsplit, workspace=self.attn_ws,
+                         counters=self.attn_counters)
+            lin(attn, L.o, self.k_o, norm_weight=L.attn_sub_norm, norm_eps=eps, residual=h, out=h)
+            lin(h, L.gate_up, self.k_mlp, norm_weight=L.post_norm, norm_eps=eps, glu=glu, out=mlp)
+            lin(mlp, L.down, self.k_down, norm_weight=L.ffn_sub_norm, norm_eps=eps, residual=h, out=h)
+
+    def _head(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """Final RMSNorm + LM head for the rows of h [T, H] into out [T, V]."""
+        eps = self.cfg.rms_norm_eps
+        if self.k_head < self.cfg.hidden_size:  # top-K masked head input (dense, unquantized weights)
+            normed = dk.rmsnorm(h, self.final_norm, eps, out=self.normed if h.shape[0] == 1 else None)
+            normed.mul_(topk_mask(normed, self.k_head))
+            dk.lm_head(normed, self.head, out=out)
+        else:
+            dk.lm_head(h, self.head, norm_weight=self.final_norm, eps=eps, out=out)
+
+    def _decode_step(self) -> None:
+        dk.embedding(self.embed, self.token, out=self.h)
+        self._layers(self.h, self.qkv, self.attn, self.mlp, self.nsplit)
+        self._head(self.h, self.logits_buf)
+        dk.sample(self.logits_buf, self.seen, self.fparams, self.iparams, self.rng, self.pos, self.token,
+                  self.history, advance=1)
+
+    def _forward_prompt(self, ids_gpu: torch.Tensor) -> torch.Tensor:
+        """Run T prompt tokens from the current position through the layers; returns h [T, H]."""
+        cfg, t = self.cfg, ids_gpu.shape[0]
+        h = dk.embedding(self.embed, ids_gpu)
+        qkv = torch.empty(t, cfg.q_size + 2 * cfg.kv_size, dtype=torch.float32, device=self.device)
+        attn = torch.empty(t, cfg.q_size, dtype=torch.float32, device=self.device)
+        mlp = torch.empty(t, cfg.intermediate_size, dtype=torch.float32, device=self.device)
+        self._layers(h, qkv, attn, mlp, nsplit=1)
+        return h
+
+    def _capture(self) -> None:
+        """Warm up eagerly (sizes every workspace), then capture one decode step."""
+        torch.cuda.synchronize(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.reset()
+            for _ in range(2):
+                self._decode_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        self.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._decode_step()
+        torch.cuda.synchronize(self.device)
+        self.graph = graph
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the sequence (the KV cache contents beyond position 0 are never read again)."""
+        self.pos.zero_()
+        self.token.zero_()
+        self.seen.zero_()
+        self.history.fill_(-1)
+        self.rng[1] = 0
+        self.length = 0
+
+    def check_ids(self, ids: Sequence[int] | torch.Tensor, room: int = 0) -> torch.Tensor:
+        """Validate a prompt: 1-D integers in the vocabulary, leaving `room` positions free in the cache."""
+        t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(list(ids), dtype=torch.int64)
+        if t.dim() != 1 or t.numel() == 0:
+            raise ValueError(f"token ids must be a non-empty 1-D sequence, got shape {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+            raise ValueError(f"token ids must be integers, got {t.dtype}")
+        t = t.to("cpu", torch.int64)
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if t.numel() + room > self.max_len:
+            raise ValueError(f"prompt of {t.numel()} tokens is longer than the context allows "
+                             f"({self.max_len} positions, {room} kept for generation)")
+        return t
+
+    def set_sampling(self, settings: SamplingSettings, seed: int) -> None:
+        self.fparams.copy_(torch.tensor([settings.temperature, settings.top_p, settings.repetition_penalty],
+                                        dtype=torch.float32))
+        self.iparams.fill_(settings.top_k)
+        self.rng.copy_(torch.tensor([seed, 0], dtype=torch.int64))
+
+    def prefill(self, ids: Sequence[int] | torch.Tensor, settings: SamplingSettings | None = None,
+                seed: int = 0) -> int:
+        """Start a new sequence: run the prompt through the batched path, sample the first token (host int)."""
+        t = self.check_ids(ids)
+        settings = settings or SamplingSettings(temperature=0.0)
+        self.reset()
+        self.set_sampling(settings, seed)
+        ids_gpu = t.to(self.device, torch.int32)
+        try:
+            h = self._forward_prompt(ids_gpu)
+            self._head(h[-1:], self.logits_buf)
+        except torch.cuda.OutOfMemoryError:
+            self.reset()
+            torch.cuda.empty_cache()
+            raise RuntimeError(f"CUDA out of memory during the prefill of {t.numel()} tokens; use a shorter "
+                               "prompt") from None
+        self.seen[ids_gpu.long()] = 1
+        dk.sample(self.logits_buf, self.seen, self.fparams, self.iparams, self.rng, self.pos, self.token,
+                  self.history, advance=t.numel())
+        self.length = t.numel()
+        return int(self.token.item())
+
+    def _run_step(self) -> None:
+        if self.length >= self.max_len:
+            raise ValueError(f"the context of {self.max_len} positions is full")
+        if self.use_graph and self.graph is not None:
+            self.graph.replay()
+        else:
+            self._decode_step()
+        self.length += 1
+
+    def step(self) -> int:
+        """Feed the last sampled token, return the next one (host int; one sync)."""
+        self._run_step()
+        return int(self.token.item())
+
+    def decode(self, n: int) -> None:
+        """n decode steps back to back without host syncs (tokens land in self.history)."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"{n} more steps would overflow the context of {self.max_len} positions")
+        for _ in range(n):
+            self._run_step()
+
+    def tokens(self) -> list[int]:
+        """The sampled tokens so far (history[prompt_len .. length])."""
+        hist = self.history.cpu().tolist()
+        return [x for x in hist if x >= 0]
+
+    @torch.no_grad()
+    def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Full-sequence forward on the GPU: fp32 logits [T, V] (on the CPU). Resets the sequence."""
+        t = self.check_ids(ids)
+        self.reset()
+        try:
+            h = self._forward_prompt(t.to(self.device, torch.int32))
+            out = torch.empty(t.numel(), self.cfg.vocab_size, dtype=torch.float32, device=self.device)
+            self._head(h, out)
+            result = out.cpu()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise RuntimeError(f"CUDA out of memory computing logits for {t.numel()} tokens") from None
+        finally:
+            self.reset()
+        return result
+
+    def set_graph(self, enabled: bool) -> None:
+        """Use the captured graph (True) or the eager step (False) from the next step on; captures on demand
+        (only between sequences: capture runs warm-up steps that reset the sequence)."""
+        if enabled and self.graph is None:
+            if self.length:
+                raise RuntimeError("enable the graph between sequences (after reset or before prefill)")
+            self._capture()
+            self.reset()
+        self.use_graph = enabled
