@@ -238,6 +238,9 @@ def quantize_topk(x: torch.Tensor, k: int, norm_weight: torch.Tensor | None = No
     _check_cuda("x", x)
     if norm_weight is not None:
         _check_cuda("norm_weight", norm_weight, x.device)
+    if x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            return quantize_topk(x, k, norm_weight, eps)
     idx = torch.empty((t, k), dtype=torch.int32, device=x.device)
     q = torch.empty((t, k), dtype=torch.int8, device=x.device)
     gamma = torch.empty((t,), dtype=torch.float32, device=x.device)
@@ -285,6 +288,10 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     for name, tensor in (("norm_weight", norm_weight), ("residual", residual), ("out", out), ("_raw_acc", _raw_acc)):
         if tensor is not None:
             _check_cuda(name, tensor, dev)
+    if dev.index != torch.cuda.current_device():  # kernels launch on the current device
+        with torch.cuda.device(dev):
+            return ternary_linear(x, w, k, norm_weight=norm_weight, norm_eps=norm_eps, residual=residual, glu=glu,
+                                  out=out, _raw_acc=_raw_acc, _variant=_variant)
     if out is None:
         out = torch.empty((t, n_out), dtype=torch.float32, device=dev)
 
