@@ -76,8 +76,10 @@ __device__ __forceinline__ int8_t quantize_one(float v, float scale) {
   return static_cast<int8_t>(static_cast<int>(r));
 }
 
+constexpr int kHistCopies = 8;  // warp w counts into copy w % 8: no cross-warp atomic contention (8 warps)
+
 struct SelectScratch {
-  unsigned hist[256];
+  unsigned hist[kHistCopies][256];
   float redf[32];
   int redi[32];
   unsigned prefix, lo, tie_key;
@@ -182,7 +184,7 @@ __device__ float block_select(const float* xs, int D, int K, SelectScratch& s, f
   unsigned mask = 0u;
   for (int pass = 0; pass < 4; ++pass) {
     const int shift = 24 - 8 * pass;
-    for (int i = tid; i < 256; i += NT) s.hist[i] = 0u;
+    for (int i = tid; i < kHistCopies * 256; i += NT) (&s.hist[0][0])[i] = 0u;
     __syncthreads();
     const unsigned prefix = s.prefix;
     for (int i0 = 0; i0 < D; i0 += NT) {
@@ -193,7 +195,15 @@ __device__ float block_select(const float* xs, int D, int K, SelectScratch& s, f
         if ((kb & mask) == prefix) digit = static_cast<int>((kb >> shift) & 255u);
       }
       const unsigned same = __match_any_sync(0xffffffffu, digit);
-      if (digit >= 0 && lane == __ffs(same) - 1) atomicAdd(&s.hist[digit], static_cast<unsigned>(__popc(same)));
+      if (digit >= 0 && lane == __ffs(same) - 1)
+        atomicAdd(&s.hist[(tid >> 5) % kHistCopies][digit], static_cast<unsigned>(__popc(same)));
+    }
+    __syncthreads();
+    for (int i = tid; i < 256; i += NT) {  // fold the copies into copy 0
+      unsigned v = s.hist[0][i];
+#pragma unroll
+      for (int c = 1; c < kHistCopies; ++c) v += s.hist[c][i];
+      s.hist[0][i] = v;
     }
     __syncthreads();
     if (tid < 32) {
@@ -201,7 +211,7 @@ __device__ float block_select(const float* xs, int D, int K, SelectScratch& s, f
       unsigned h[8];
       unsigned local = 0;
 #pragma unroll
-      for (int b = 0; b < 8; ++b) { h[b] = s.hist[lane * 8 + b]; local += h[b]; }
+      for (int b = 0; b < 8; ++b) { h[b] = s.hist[0][lane * 8 + b]; local += h[b]; }
       unsigned suffix = local;  // inclusive suffix sum over lanes >= lane
       for (int o = 1; o < 32; o <<= 1) {
         const unsigned n = __shfl_down_sync(0xffffffffu, suffix, o);
@@ -244,42 +254,61 @@ __device__ float block_select(const float* xs, int D, int K, SelectScratch& s, f
   return gamma;
 }
 
-// Compact the selection into (idx, q) in index order: each thread walks a contiguous chunk of D;
-// a block scan of (definite << 16 | ties) per thread gives every thread its output offset.
-// ld > K: entries K..ld-1 get (0, 0). qdense (optional): the masked dense int8 row, zeros up to ldd.
+// Compact the selection into (idx, q) in index order. Warp w owns a contiguous range of D and walks
+// it 32 channels at a time (lane = channel: conflict-free shared-memory reads); ballots give each
+// lane its rank among the warp's selected channels and among the ties, and one scan over the warp
+// totals gives each warp its output offset. ld > K: entries K..ld-1 get (0, 0). qdense
+// (optional): the masked dense int8 row, zeros up to ldd.
 template <int NT>
 __device__ void block_compact(const float* xs, int D, int K, float scale, const SelectScratch& s, int32_t* idx,
                               int8_t* q, int ld, int8_t* qdense, int ldd, int* redi) {
-  const int tid = threadIdx.x;
-  const int chunk = (D + NT - 1) / NT;
-  const int b = min(D, tid * chunk), e = min(D, b + chunk);
+  constexpr int NW = NT / 32;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned lt = (1u << lane) - 1u;
+  const int span = (((D + NW - 1) / NW) + 31) & ~31;
+  const int wb = min(D, warp * span), we = min(D, wb + span);
   const unsigned lo = s.lo, tie = s.tie_key;
   const int tie_count = s.tie_count;
   int gt = 0, eq = 0;
-  for (int i = b; i < e; ++i) {
-    const unsigned kb = __float_as_uint(fabsf(xs[i]));
-    gt += kb >= lo;
-    eq += (tie_count > 0) & (kb == tie);
-  }
-  int total;  // packed 16|16 counts: D <= 65535 keeps both fields from overflowing (unsigned wrap)
-  const unsigned before = static_cast<unsigned>(block_exclusive_scan<NT>((gt << 16) | eq, redi, &total));
-  int eq_before = static_cast<int>(before & 0xffffu);
-  int pos = static_cast<int>(before >> 16) + min(eq_before, tie_count);
-  for (int i = b; i < e; ++i) {
-    const float v = xs[i];
-    const unsigned kb = __float_as_uint(fabsf(v));
-    bool sel = kb >= lo;
-    if (!sel && tie_count > 0 && kb == tie) {
-      sel = eq_before < tie_count;
-      ++eq_before;
+  for (int i0 = wb; i0 < we; i0 += 32) {
+    const int i = i0 + lane;
+    bool g = false, e = false;
+    if (i < we) {
+      const unsigned kb = __float_as_uint(fabsf(xs[i]));
+      g = kb >= lo;
+      e = tie_count > 0 && kb == tie;
     }
+    gt += __popc(__ballot_sync(0xffffffffu, g));
+    eq += __popc(__ballot_sync(0xffffffffu, e));
+  }
+  if (lane == 0) redi[warp] = (gt << 16) | eq;  // D <= 65535: both fields fit
+  __syncthreads();
+  unsigned before = 0;
+  for (int w = 0; w < warp; ++w) before += static_cast<unsigned>(redi[w]);
+  int ties_seen = static_cast<int>(before & 0xffffu);
+  int pos = static_cast<int>(before >> 16) + min(ties_seen, tie_count);
+  for (int i0 = wb; i0 < we; i0 += 32) {
+    const int i = i0 + lane;
+    bool g = false, e = false;
+    float v = 0.f;
+    if (i < we) {
+      v = xs[i];
+      const unsigned kb = __float_as_uint(fabsf(v));
+      g = kb >= lo;
+      e = tie_count > 0 && kb == tie;
+    }
+    const unsigned eb = __ballot_sync(0xffffffffu, e);
+    const bool sel = g || (e && ties_seen + __popc(eb & lt) < tie_count);
+    const unsigned sb = __ballot_sync(0xffffffffu, sel);
     const int8_t qv = quantize_one(v, scale);
     if (sel) {
-      idx[pos] = i;
-      q[pos] = qv;
-      ++pos;
+      const int p = pos + __popc(sb & lt);
+      idx[p] = i;
+      q[p] = qv;
     }
-    if (qdense) qdense[i] = sel ? qv : static_cast<int8_t>(0);
+    if (qdense && i < we) qdense[i] = sel ? qv : static_cast<int8_t>(0);
+    pos += __popc(sb);
+    ties_seen += __popc(eb);
   }
   for (int i = K + tid; i < ld; i += NT) { idx[i] = 0; q[i] = 0; }
   if (qdense) for (int i = D + tid; i < ldd; i += NT) qdense[i] = 0;
