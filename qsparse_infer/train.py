@@ -277,7 +277,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
 
 
 def _training_args(args: argparse.Namespace) -> dict:
-    skip = {"func", "command", "resume"}
+    skip = {"func", "command", "resume", "stop_at_step", "max_minutes"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -415,8 +415,10 @@ def train(args: argparse.Namespace) -> dict:
             print(f"step {step} tokens {tokens_seen:,} val_loss {val_loss:.4f} (best {best_val:.4f})", flush=True)
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             save(final=False)
-        if deadline is not None and time.time() > deadline and step < args.steps:
-            print(f"--max-minutes reached at step {step}; saving and stopping", flush=True)
+        out_of_time = deadline is not None and time.time() > deadline
+        if (out_of_time or step == args.stop_at_step) and step < args.steps:
+            why = "--max-minutes reached" if out_of_time else "--stop-at-step"
+            print(f"{why} at step {step}; saving and stopping (continue with --resume)", flush=True)
             stopped_early = True
             if not curves["val"] or curves["val"][-1][0] != step:
                 val_loss = validate()
@@ -479,6 +481,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--save-dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="model.safetensors dtype; auto = fp32 if the file stays under 16 MB, else bf16")
     r.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much wall time")
+    r.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop (and save) at this step, keeping the schedule of --steps; continue with --resume")
 
 
 def run(args: argparse.Namespace) -> int:
