@@ -1,0 +1,132 @@
+"""`Engine`: load an engine file and run it on the GPU (CUDA kernels) or the CPU (the reference model)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import SparsityConfig
+from .format import EngineFile, build_reference, read_engine
+
+BUILTIN_MODEL = Path(__file__).resolve().parent / "data" / "shakespeare.qsp"
+
+
+def _resolve_sparsity(value: SparsityConfig | str | float | None, default: SparsityConfig) -> SparsityConfig:
+    if value is None:
+        return default
+    if isinstance(value, SparsityConfig):
+        return value
+    if isinstance(value, str):
+        return SparsityConfig.parse(value)
+    return SparsityConfig.uniform(float(value))
+
+
+class Engine:
+    """A loaded model. Attributes: config, sparsity, tokenizer (None if the file has none), device,
+    file (EngineFile), model (the reference Transformer, CPU, built lazily) and, on "cuda", gpu (the GPU decoder)."""
+
+    def __init__(self, file: EngineFile, device: str, sparsity: SparsityConfig) -> None:
+        from .tokenizer import Tokenizer
+
+        self.file = file
+        self.config = file.config
+        self.sparsity = sparsity
+        self.device = device
+        self.tokenizer = (Tokenizer.from_engine_file(file)
+                          if file.tokenizer_info.get("kind", "none") != "none" else None)
+        self._model: torch.nn.Module | None = None
+        self.gpu = None
+        if device == "cuda":
+            from .gpu_model import GpuModel
+
+            self.gpu = GpuModel(self.file, self.sparsity)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto",
+             sparsity: SparsityConfig | str | float | None = None) -> "Engine":
+        """Load an engine file (None: the built-in Shakespeare model). device: "auto", "cuda" or "cpu".
+        sparsity overrides the ratios stored in the file."""
+        if path is None:
+            if not BUILTIN_MODEL.is_file():
+                raise FileNotFoundError(
+                    f"the built-in model {BUILTIN_MODEL} is not installed; pass the path of an engine file "
+                    f"(make one with `qsparse convert`)")
+            path = BUILTIN_MODEL
+        device = _pick_device(device)
+        ef = read_engine(path)
+        return cls(ef, device, _resolve_sparsity(sparsity, ef.sparsity))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The reference Transformer on the CPU (built on first use: on "cuda" it is only needed for checks)."""
+        if self._model is None:
+            self._model = build_reference(self.file, self.sparsity)
+        return self._model
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def check_ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Validate token ids (1-D integers within the vocabulary, at most max_seq_len) -> int64 CPU tensor."""
+        ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.as_tensor(list(token_ids))
+        if ids.dim() != 1:
+            raise ValueError(f"token_ids must be 1-D, got shape {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError("token_ids is empty")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"token_ids must be integers, got {ids.dtype}")
+        ids = ids.to(device="cpu", dtype=torch.int64)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if ids.numel() > self.config.max_seq_len:
+            raise ValueError(f"{ids.numel()} tokens exceed the model's context of {self.config.max_seq_len}")
+        return ids
+
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Full-sequence forward: fp32 logits [len, vocab] (on the engine's device)."""
+        ids = self.check_ids(token_ids)
+        if self.gpu is not None:
+            return self.gpu.logits(ids)
+        with torch.no_grad():
+            return self.model(ids)
+
+    # -- text generation (generation.py) ---------------------------------------------------------
+
+    def generate(self, prompt: Any, **kw: Any):
+        from . import generation
+
+        return generation.generate(self, prompt, **kw)
+
+    def stream(self, prompt: Any, **kw: Any):
+        from . import generation
+
+        return generation.stream(self, prompt, **kw)
+
+    def chat(self, messages: list[dict[str, Any]], **kw: Any):
+        from . import generation
+
+        return generation.chat(self, messages, **kw)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Engine(device={self.device!r}, layers={c.num_layers}, hidden={c.hidden_size}, "
+                f"vocab={c.vocab_size}, sparsity=({self.sparsity.describe()}))")
+
+
+def _pick_device(device: str) -> str:
+    from . import _ext
+
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "auto":
+        if _ext.gpu_available():
+            return "cuda"
+        warnings.warn("no CUDA GPU (or no compiled extension) available: running the CPU reference model, "
+                      "which is slow", stacklevel=3)
+        return "cpu"
+    if device == "cuda":
+        _ext.require_gpu()  # raises RuntimeError naming what is missing
+    return device
