@@ -295,8 +295,8 @@ def prepare_data(args: argparse.Namespace, out: Path):
     else:
         tok_bytes = td.train_tokenizer(train_works, args.vocab_size)
     sp = td.load_tokenizer(tok_bytes)
-    train_stream = td.TokenStream(td.encode_works(sp, train_works), args.seq_len)
-    val_stream = td.TokenStream(td.encode_works(sp, val_works), args.seq_len)
+    train_stream = td.TokenStream(td.encode_works(sp, train_works), args.seq_len, sp.bos_id())
+    val_stream = td.TokenStream(td.encode_works(sp, val_works), args.seq_len, sp.bos_id())
     info = {"train_works": len(train_works), "val_works": [f"{w.name} ({w.title})" for w in val_works],
             "train_tokens": int(train_stream.tokens.numel()), "val_tokens": int(val_stream.tokens.numel()),
             "vocab_size": sp.get_piece_size()}

@@ -112,25 +112,35 @@ def encode_works(sp, works: list[Work]) -> torch.Tensor:
 
 
 class TokenStream:
-    """Samples training windows at random offsets; splits validation text into fixed windows."""
+    """Windows of seq_len tokens over a stream; each window starts with BOS.
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
-        if tokens.numel() < seq_len + 2:
-            raise ValueError(f"token stream of {tokens.numel()} tokens is shorter than one window of {seq_len + 1}")
+    BOS at every window start (not only at a work's first token) makes "BOS + any text" in-distribution:
+    the engine puts BOS before every prompt, so a prompt such as "ROMEO:" then reads as a point inside a
+    play rather than as the title page of a new work. The targets are the next tokens, as usual.
+    """
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, bos_id: int) -> None:
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        if tokens.numel() < seq_len + 1:
+            raise ValueError(f"token stream of {tokens.numel()} tokens is shorter than one window of {seq_len}")
         self.tokens = tokens.long()
         self.seq_len = seq_len
+        self.bos_id = bos_id
+
+    def _window(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x = [BOS, t[s], ..., t[s+L-2]], y = [t[s], ..., t[s+L-1]]."""
+        idx = starts[:, None] + torch.arange(self.seq_len)[None, :]
+        y = self.tokens[idx]
+        x = torch.cat([torch.full_like(y[:, :1], self.bos_id), y[:, :-1]], dim=1)
+        return x, y
 
     def sample(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, self.tokens.numel() - self.seq_len - 1, (batch,), generator=gen)
-        idx = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
-        w = self.tokens[idx]
-        return w[:, :-1], w[:, 1:]
+        return self._window(torch.randint(0, self.tokens.numel() - self.seq_len + 1, (batch,), generator=gen))
 
     def windows(self, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-overlapping windows covering the stream (the last partial window is dropped)."""
-        n = (self.tokens.numel() - 1) // self.seq_len
+        n = self.tokens.numel() // self.seq_len
         if max_windows is not None:
             n = min(n, max_windows)
-        x = self.tokens[: n * self.seq_len].view(n, self.seq_len)
-        y = self.tokens[1: n * self.seq_len + 1].view(n, self.seq_len)
-        return x, y
+        return self._window(torch.arange(n) * self.seq_len)

@@ -168,6 +168,18 @@ def test_tokenizer_is_deterministic_and_lossless(corpus):
     assert sp.piece_to_id("\n") != sp.unk_id()
 
 
+def test_token_windows_start_with_bos_and_shift_by_one():
+    tokens = torch.arange(10, 110, dtype=torch.int32)
+    stream = td.TokenStream(tokens, 8, bos_id=1)
+    x, y = stream.sample(16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (16, 8) and (x[:, 0] == 1).all()
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y[:, 1:] - y[:, :-1], torch.ones(16, 7, dtype=torch.long))
+    assert int(y.min()) >= 10 and int(y.max()) <= 109
+    vx, vy = stream.windows()
+    assert vx.shape == (12, 8) and torch.equal(vy.reshape(-1), tokens[:96].long())  # every target exactly once
+    assert (vx[:, 0] == 1).all() and torch.equal(vx[:, 1:], vy[:, :-1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Training runs (CLI), checkpoints, resume
 # ---------------------------------------------------------------------------------------------
