@@ -295,8 +295,9 @@ def prepare_data(args: argparse.Namespace, out: Path):
     else:
         tok_bytes = td.train_tokenizer(train_works, args.vocab_size)
     sp = td.load_tokenizer(tok_bytes)
-    train_stream = td.TokenStream(td.encode_works(sp, train_works), args.seq_len, sp.bos_id())
-    val_stream = td.TokenStream(td.encode_works(sp, val_works), args.seq_len, sp.bos_id())
+    bos = sp.bos_id() if args.window_bos == "every" else None
+    train_stream = td.TokenStream(td.encode_works(sp, train_works), args.seq_len, bos)
+    val_stream = td.TokenStream(td.encode_works(sp, val_works), args.seq_len, bos)
     info = {"train_works": len(train_works), "val_works": [f"{w.name} ({w.title})" for w in val_works],
             "train_tokens": int(train_stream.tokens.numel()), "val_tokens": int(val_stream.tokens.numel()),
             "vocab_size": sp.get_piece_size()}
@@ -317,7 +318,7 @@ def train(args: argparse.Namespace) -> dict:
         resume = torch.load(state_path, map_location="cpu", weights_only=False)
         saved = resume["args"]
         for key in ("hidden", "intermediate", "layers", "heads", "kv_heads", "seq_len", "sparsity",
-                    "precision", "untied", "vocab_size", "val_works", "batch_size"):
+                    "precision", "untied", "vocab_size", "val_works", "batch_size", "window_bos"):
             if saved.get(key) != getattr(args, key):
                 raise ValueError(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the "
                                  f"checkpoint was trained with {saved.get(key)!r}")
@@ -450,6 +451,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--tokenizer", default=None, help="existing tokenizer.model (default: train one on the training works)")
     d.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
     d.add_argument("--val-windows", type=int, default=None, help="cap on validation windows (default: all)")
+    d.add_argument("--window-bos", choices=("every", "doc"), default="every",
+                   help="BOS at the start of every training/validation window (default), or only where a "
+                        "work begins (doc; the mini-replication's runs used this)")
     m = p.add_argument_group("model")
     m.add_argument("--hidden", type=int, default=384)
     m.add_argument("--intermediate", type=int, default=1024)

@@ -112,35 +112,41 @@ def encode_works(sp, works: list[Work]) -> torch.Tensor:
 
 
 class TokenStream:
-    """Windows of seq_len tokens over a stream; each window starts with BOS.
+    """Windows of seq_len tokens over a stream, and their next-token targets.
 
-    BOS at every window start (not only at a work's first token) makes "BOS + any text" in-distribution:
-    the engine puts BOS before every prompt, so a prompt such as "ROMEO:" then reads as a point inside a
-    play rather than as the title page of a new work. The targets are the next tokens, as usual.
+    With bos_id set, every window starts with BOS (not only a work's first token), which makes
+    "BOS + any text" in-distribution: the engine puts BOS before every prompt, so a prompt such as
+    "ROMEO:" then reads as a point inside a play rather than as the title page of a new work.
+    With bos_id None, windows are plain slices of the stream (BOS only where a work begins).
     """
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, bos_id: int) -> None:
+    def __init__(self, tokens: torch.Tensor, seq_len: int, bos_id: int | None) -> None:
         if seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-        if tokens.numel() < seq_len + 1:
+        if tokens.numel() < seq_len + 2:
             raise ValueError(f"token stream of {tokens.numel()} tokens is shorter than one window of {seq_len}")
         self.tokens = tokens.long()
         self.seq_len = seq_len
         self.bos_id = bos_id
 
     def _window(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x = [BOS, t[s], ..., t[s+L-2]], y = [t[s], ..., t[s+L-1]]."""
-        idx = starts[:, None] + torch.arange(self.seq_len)[None, :]
-        y = self.tokens[idx]
-        x = torch.cat([torch.full_like(y[:, :1], self.bos_id), y[:, :-1]], dim=1)
-        return x, y
+        if self.bos_id is None:  # x = t[s : s+L], y = t[s+1 : s+L+1]
+            w = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)[None, :]]
+            return w[:, :-1], w[:, 1:]
+        # x = [BOS, t[s], ..., t[s+L-2]], y = t[s : s+L]
+        y = self.tokens[starts[:, None] + torch.arange(self.seq_len)[None, :]]
+        return torch.cat([torch.full_like(y[:, :1], self.bos_id), y[:, :-1]], dim=1), y
+
+    def _extra(self) -> int:
+        return 1 if self.bos_id is None else 0  # plain windows read one token past the window
 
     def sample(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._window(torch.randint(0, self.tokens.numel() - self.seq_len + 1, (batch,), generator=gen))
+        high = self.tokens.numel() - self.seq_len - 2 * self._extra() + 1
+        return self._window(torch.randint(0, high, (batch,), generator=gen))
 
     def windows(self, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-overlapping windows covering the stream (the last partial window is dropped)."""
-        n = self.tokens.numel() // self.seq_len
+        n = (self.tokens.numel() - self._extra()) // self.seq_len
         if max_windows is not None:
             n = min(n, max_windows)
         return self._window(torch.arange(n) * self.seq_len)

@@ -178,6 +178,11 @@ def test_token_windows_start_with_bos_and_shift_by_one():
     vx, vy = stream.windows()
     assert vx.shape == (12, 8) and torch.equal(vy.reshape(-1), tokens[:96].long())  # every target exactly once
     assert (vx[:, 0] == 1).all() and torch.equal(vx[:, 1:], vy[:, :-1])
+    plain = td.TokenStream(tokens, 8, bos_id=None)  # --window-bos doc: plain slices of the stream
+    x, y = plain.sample(16, torch.Generator().manual_seed(0))
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y[:, 0], x[:, 0] + 1) and int(y.max()) <= 109
+    vx, vy = plain.windows()
+    assert vx.shape == (12, 8) and torch.equal(vx.reshape(-1), tokens[:96].long())
 
 
 # ---------------------------------------------------------------------------------------------

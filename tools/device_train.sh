@@ -5,7 +5,7 @@
 # side by side uses the card far better than one after another. Pure PyTorch: nothing is built here.
 #
 # Usage (from the repo root): CORPUS=path/to/shakespeare OUT=results_dir bash tools/device_train.sh
-# Knobs (env): BUILTIN_STEPS, REP_STEPS, REP_SEEDS, MAX_MIN (per-run wall-time cap, minutes).
+# Knobs (env): BUILTIN_STEPS, REP_STEPS, REP_SEEDS (empty: built-in model only), MAX_MIN (per-run cap, minutes).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
@@ -14,7 +14,7 @@ OUT=${OUT:-runs/device_out}
 RUNS=${RUNS:-runs/device}
 BUILTIN_STEPS=${BUILTIN_STEPS:-1500}
 REP_STEPS=${REP_STEPS:-1000}
-REP_SEEDS=${REP_SEEDS:-"0 1"}
+REP_SEEDS=${REP_SEEDS-"0 1"}
 MAX_MIN=${MAX_MIN:-6.5}
 EXTRA=${EXTRA:-}  # e.g. "--device cpu --val-windows 4" for a dry run
 mkdir -p "$OUT" "$RUNS"
@@ -27,7 +27,7 @@ python -m qsparse_infer.cli train --data "$CORPUS" --out "$RUNS/builtin" --steps
 
 # Mini-replication: one smaller model, the same recipe and token budget, only S / precision change.
 REP="--hidden 256 --intermediate 768 --layers 4 --heads 4 --kv-heads 2 --seq-len 256 --batch-size 32
-     --steps $REP_STEPS --warmup 100 --eval-every 100 --save-every 0 --max-minutes $MAX_MIN"
+     --steps $REP_STEPS --warmup 100 --eval-every 100 --save-every 0 --max-minutes $MAX_MIN --window-bos doc"
 for seed in $REP_SEEDS; do
   for s in 0 0.4 0.6 0.8; do
     python -m qsparse_infer.cli train --data "$CORPUS" --out "$RUNS/rep_s${s}_seed${seed}" --sparsity "$s" \
