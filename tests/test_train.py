@@ -259,3 +259,86 @@ def test_bad_arguments_are_named(corpus, tmp_path):
     assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "x"), *TINY_ARGS, "--steps", "0"]) == 1
     assert cli.main(["train", "--data", str(corpus / "nope"), "--out", str(tmp_path / "y"), *TINY_ARGS]) == 1
     assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "z"), "--resume", *TINY_ARGS]) == 1
+
+
+def test_checkpoint_converts_and_the_engine_matches_the_training_model(corpus, tmp_path):
+    import qsparse_infer
+    from qsparse_infer import Engine
+
+    out = tmp_path / "run"
+    run_train(corpus, out, "--steps", "10", "--eval-every", "10", "--sparsity", "0.5,0.25,0.6,0.4")
+    dst = qsparse_infer.convert(out, tmp_path / "m.qsp", progress=False)
+    engine = Engine.load(dst, device="cpu")
+    model, _ = tr.load_model_folder(out)
+    assert engine.config == model.cfg and engine.sparsity == SparsityConfig(attn=0.5, o=0.25, mlp=0.6, down=0.4)
+    ids = engine.tokenizer.encode("KING. What say you, lords?")
+    assert ids[0] == engine.tokenizer.bos_id
+    with torch.no_grad():
+        want = model(torch.tensor(ids))
+    got = engine.logits(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in model (qsparse_infer/data/shakespeare.qsp)
+# ---------------------------------------------------------------------------------------------
+
+# Greedy continuation of "ROMEO:" (BOS + prompt), 32 new tokens, on the CPU reference path as generation
+# runs it: the prompt in one forward, then one token at a time through the reference KV cache.
+GOLDEN_PROMPT = "ROMEO:"
+GOLDEN_PROMPT_IDS = [1, 1110, 4053, 4040, 4044, 4058]
+GOLDEN_IDS = [3, 4051, 1339, 934, 271, 889, 299, 351, 396, 763, 522, 4022, 4027, 3, 4037, 270, 347, 765, 4042, 4024,
+              296, 271, 1796, 4030, 3, 3, 4064, 552, 325, 1155, 297, 1163]
+GOLDEN_TEXT = "\nHere comes the way of Philippi,\nAnd weigh'd to the field.\n\n[Enter HERO and LE"
+# Top-1 minus top-2 logit at each step. Steps 8 and 22 are near-ties (< 0.01). Beyond logit near-ties, a
+# quantized model has a second source of legitimate divergence: one activation that lands within float
+# rounding of an int8 rounding boundary (or of the top-K threshold) flips by one step, and the change
+# grows through the later layers. Here the full-sequence forward (engine.logits over the whole text)
+# differs from the KV-cache path by ~1e-6 in layer 1's o_proj input, one int8 value flips, and at step
+# 29 the full-sequence greedy picks 1979 ("Hotspur") instead of 1155 ("HERO"). A GPU path can diverge
+# the same way; compare it token by token and check such flips before calling a difference a bug.
+GOLDEN_MARGINS = [1.644, 0.046, 1.324, 0.084, 1.486, 0.46, 0.232, 0.316, 0.003, 3.507, 3.455, 1.036, 0.131, 0.146,
+                  0.699, 1.238, 0.171, 0.257, 0.053, 2.926, 0.416, 1.667, 0.005, 0.347, 3.697, 5.357, 1.48, 1.366,
+                  0.156, 0.088, 1.834, 0.774]
+
+
+def test_builtin_model_is_packaged_and_small():
+    from qsparse_infer.engine import BUILTIN_MODEL
+    from qsparse_infer import Engine
+
+    assert BUILTIN_MODEL.is_file(), f"{BUILTIN_MODEL} missing: is it in the wheel?"
+    assert BUILTIN_MODEL.stat().st_size < 8 * 2**20
+    engine = Engine.load(device="cpu")
+    c = engine.config
+    assert (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.max_seq_len) == \
+        (4096, 384, 6, 6, 2, 512)
+    assert engine.sparsity == SparsityConfig.uniform(0.6)
+    assert engine.tokenizer.encode(GOLDEN_PROMPT) == GOLDEN_PROMPT_IDS
+
+
+def test_builtin_model_golden_greedy_generation_cpu():
+    from qsparse_infer import Engine
+    from qsparse_infer.reference import KVCache
+
+    engine = Engine.load(device="cpu")
+    ids = engine.tokenizer.encode(GOLDEN_PROMPT)
+    model = engine.model
+    new: list[int] = []
+    margins = []
+    with torch.no_grad():
+        cache = KVCache.empty(engine.config, len(ids) + 32)
+        logits = model(torch.tensor(ids), cache, 0)[-1]
+        for step in range(32):
+            top = logits.topk(2).values
+            margins.append(float(top[0] - top[1]))
+            new.append(int(logits.argmax()))
+            if step < 31:
+                logits = model(torch.tensor(new[-1:]), cache, len(ids) + step)[-1]
+    assert new == GOLDEN_IDS, (new, margins)
+    assert engine.tokenizer.decode(new) == GOLDEN_TEXT
+    assert margins == pytest.approx(GOLDEN_MARGINS, abs=1e-2)
+    try:
+        from qsparse_infer import generation  # noqa: F401  (the generation module comes from another branch)
+    except ImportError:
+        return
+    assert engine.generate(GOLDEN_PROMPT, max_new_tokens=32, temperature=0) == GOLDEN_TEXT
