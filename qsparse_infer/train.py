@@ -290,7 +290,7 @@ def prepare_data(args: argparse.Namespace, out: Path):
     train_works, val_works = td.split_works(works, val_names)
     if args.tokenizer:
         tok_bytes = Path(args.tokenizer).read_bytes()
-    elif (out / "tokenizer.model").is_file():
+    elif args.resume and (out / "tokenizer.model").is_file():
         tok_bytes = (out / "tokenizer.model").read_bytes()
     else:
         tok_bytes = td.train_tokenizer(train_works, args.vocab_size)
@@ -312,6 +312,9 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "trainer_state.pt"
     resume = None
+    if not args.resume and state_path.exists():
+        raise FileExistsError(f"{out} already holds a training run ({state_path.name}); pass --resume to continue "
+                              f"it, or choose another --out")
     if args.resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: {state_path} not found")
@@ -354,7 +357,7 @@ def train(args: argparse.Namespace) -> dict:
     print(f"data: {data_info['train_works']} training works ({data_info['train_tokens']:,} tokens); "
           f"validation: {', '.join(data_info['val_works'])} ({data_info['val_tokens']:,} tokens)", flush=True)
 
-    def save(final: bool) -> None:
+    def save() -> None:
         dtype = choose_save_dtype(model, args.save_dtype)
         save_model_folder(out, model, tok_bytes, dtype, extra=summary)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
@@ -415,7 +418,7 @@ def train(args: argparse.Namespace) -> dict:
             val_loss = validate()
             print(f"step {step} tokens {tokens_seen:,} val_loss {val_loss:.4f} (best {best_val:.4f})", flush=True)
         if args.save_every and step % args.save_every == 0 and step < args.steps:
-            save(final=False)
+            save()
         out_of_time = deadline is not None and time.time() > deadline
         if (out_of_time or step == args.stop_at_step) and step < args.steps:
             why = "--max-minutes reached" if out_of_time else "--stop-at-step"
@@ -429,7 +432,7 @@ def train(args: argparse.Namespace) -> dict:
     summary.update({"steps": step, "tokens_seen": tokens_seen, "final_val_loss": curves["val"][-1][2] if curves["val"] else None,
                     "best_val_loss": best_val, "final_train_loss": curves["train"][-1][2] if curves["train"] else None,
                     "wall_s": wall, "stopped_early": stopped_early})
-    save(final=True)
+    save()
     print(json.dumps({k: summary[k] for k in ("params", "steps", "tokens_seen", "final_val_loss", "best_val_loss",
                                               "final_train_loss", "wall_s")}), flush=True)
     return summary

@@ -259,6 +259,11 @@ def test_bad_arguments_are_named(corpus, tmp_path):
     assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "x"), *TINY_ARGS, "--steps", "0"]) == 1
     assert cli.main(["train", "--data", str(corpus / "nope"), "--out", str(tmp_path / "y"), *TINY_ARGS]) == 1
     assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "z"), "--resume", *TINY_ARGS]) == 1
+    run_train(corpus, tmp_path / "w", "--steps", "2", "--eval-every", "2")
+    before = (tmp_path / "w" / "trainer_state.pt").read_bytes()
+    # a second run into the same folder without --resume must not overwrite the first one
+    assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "w"), *TINY_ARGS, "--steps", "3"]) == 1
+    assert (tmp_path / "w" / "trainer_state.pt").read_bytes() == before
 
 
 def test_checkpoint_converts_and_the_engine_matches_the_training_model(corpus, tmp_path):
