@@ -194,7 +194,8 @@ class GemvPlan:
 _sm_count: dict[int, int] = {}
 
 
-def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | None = None) -> GemvPlan:
+def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | None = None,
+              shape: tuple[int, int] | None = None) -> GemvPlan:
     """Launch shape: 64-column chunks per tile, K-splits to fill ~2 CTAs per SM, fused or two launches."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _sm_count:
@@ -208,6 +209,11 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
     nslots = 8 * 32 // c
     # At most ~2 co-resident CTAs per SM (121 registers x 256 threads): one wave, no tail wave.
     splits = max(1, min(2 * _sm_count[idx] // ntiles, -(-groups // nslots)))
+    if shape is not None:  # (chunks per tile, splits): benchmarks sweep these
+        c, splits = shape
+        if c not in (1, 2, 4, 8) or splits < 1:
+            raise ValueError(f"GEMV shape must be (chunks in 1/2/4/8, splits >= 1), got {shape}")
+        ntiles = -(-nchunks // c)
     smem = ext().gemv_fused_smem_bytes(w.in_features, k, c)
     if variant is None:
         fused = w.in_features <= FUSED_MAX_D and smem <= _SMEM_LIMIT
@@ -253,7 +259,7 @@ def quantize_topk(x: torch.Tensor, k: int, norm_weight: torch.Tensor | None = No
 def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: torch.Tensor | None = None,
                    norm_eps: float = 1e-5, residual: torch.Tensor | None = None, glu: str | None = None,
                    out: torch.Tensor | None = None, _raw_acc: torch.Tensor | None = None,
-                   _variant: str | None = None) -> torch.Tensor:
+                   _variant: str | None = None, _shape: tuple[int, int] | None = None) -> torch.Tensor:
     """BitLinear over a packed ternary group: [RMSNorm] -> absmax int8 -> top-k -> int32 product -> epilogue.
 
     T <= 8 tokens run the gather-GEMV (only the k selected rows are read); more run the tensor-core
@@ -291,7 +297,7 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     if dev.index != torch.cuda.current_device():  # kernels launch on the current device
         with torch.cuda.device(dev):
             return ternary_linear(x, w, k, norm_weight=norm_weight, norm_eps=norm_eps, residual=residual, glu=glu,
-                                  out=out, _raw_acc=_raw_acc, _variant=_variant)
+                                  out=out, _raw_acc=_raw_acc, _variant=_variant, _shape=_shape)
     if out is None:
         out = torch.empty((t, n_out), dtype=torch.float32, device=dev)
 
@@ -302,7 +308,7 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     raw_ptr = _raw_acc.data_ptr() if _raw_acc is not None else 0
     rb = int(w.packed.shape[1])
     if t <= MAX_GEMV_TOKENS:
-        plan = plan_gemv(w, k, dev, _variant)
+        plan = plan_gemv(w, k, dev, _variant, _shape)
         ws = _buffer(dev, "ws", MAX_GEMV_TOKENS * w.npad, torch.int32)
         ctr = _buffer(dev, "counters", MAX_GEMV_TOKENS * plan.ntiles, torch.int32)
         idx_ptr = q_ptr = gamma_ptr = 0
