@@ -27,6 +27,11 @@ for what in "$@"; do
       timeout 200 python3 "$SRC/bench/gemv_sweep.py" --json "$OUT/gemv-sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^  skip" ;;
     diag)
       timeout 150 python3 "$SRC/bench/decoder_diag.py" --sparsity 0,0.6 2>&1 | tee "$OUT/diag.log" | tail -45 ;;
+    ncu)
+      timeout 200 ncu -k regex:"gemv|select" --section SpeedOfLight --section WarpStateStats --section LaunchStats \
+        --section Occupancy --section SourceCounters --section MemoryWorkloadAnalysis \
+        python3 "$SRC/bench/profile_gemv.py" > "$OUT/ncu.txt" 2>&1; echo "ncu exit $?"
+      grep -E "gemv_kernel|select_kernel|Duration|Stall|Warp Cycles Per Issued|Achieved Occupancy|Registers Per|Memory Throughput" "$OUT/ncu.txt" | head -80 ;;
     kernels)
       timeout 300 python3 "$SRC/bench/kernels.py" --out "$OUT" 2>&1 | tee "$OUT/kernels-bench.log" | grep -v "^wrote" | cut -c1-160 ;;
     e2e)
