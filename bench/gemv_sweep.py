@@ -1,5 +1,5 @@
 """Launch-shape sweep of the gather-GEMV (kernel lab): for each decode shape and sparsity, time every
-(variant, chunks per tile, K-splits, top-K algorithm) and print the table, plus two floors measured in
+(variant, chunks per tile, K-splits) and print the table, plus two floors measured in
 the same run: an empty kernel in a CUDA graph (the launch floor) and the copy bandwidth.
 
     python bench/gemv_sweep.py [--json FILE] [--only 2b4t]
@@ -18,7 +18,6 @@ from kernels import copy_bandwidth_gbps, n_sets, time_graph  # noqa: E402
 
 from qsparse_infer import linear_kernels as lk  # noqa: E402
 from qsparse_infer import quant  # noqa: E402
-from qsparse_infer._ext import ext  # noqa: E402
 from qsparse_infer.config import topk_count  # noqa: E402
 
 SHAPES = [  # (name, D, segments, glu, fused norm)
@@ -72,28 +71,24 @@ def main() -> int:
             for variant in ("fused", "split"):
                 for chunks in (1, 2, 4, 8):
                     for splits in sorted({1, 2, 4, auto.splits}):
-                        for algo in ((1, 0) if s > 0 else (1,)):
-                            ext().set_select_algo(algo)
-                            try:
-                                us = time_graph([lambda w=w: lk.ternary_linear(
-                                    x, w, k, norm_weight=nw, glu=glu, out=out, _variant=variant,
-                                    _shape=(chunks, splits)) for w in ws], replays=15)
-                            except ValueError as e:
-                                print(f"  skip {variant} c={chunks} s={splits}: {e}")
-                                continue
-                            row = dict(shape=name, D=d, N=sum(segs), sparsity=s, k=k, variant=variant, chunks=chunks,
-                                       splits=splits, level_select=algo, us=round(us, 3), bytes=nbytes,
-                                       bw_floor_us=round(floor_us, 3),
-                                       auto=(variant == ("fused" if auto.fused else "split") and chunks ==
-                                             auto.chunks_per_tile and splits == auto.splits and algo == 1))
-                            rows.append(row)
-                            if best is None or us < best["us"]:
-                                best = row
-            ext().set_select_algo(1)
+                        try:
+                            us = time_graph([lambda w=w: lk.ternary_linear(
+                                x, w, k, norm_weight=nw, glu=glu, out=out, _variant=variant,
+                                _shape=(chunks, splits)) for w in ws], replays=15)
+                        except ValueError as e:
+                            print(f"  skip {variant} c={chunks} s={splits}: {e}")
+                            continue
+                        row = dict(shape=name, D=d, N=sum(segs), sparsity=s, k=k, variant=variant, chunks=chunks,
+                                   splits=splits, us=round(us, 3), bytes=nbytes, bw_floor_us=round(floor_us, 3),
+                                   auto=(variant == ("fused" if auto.fused else "split") and chunks ==
+                                         auto.chunks_per_tile and splits == auto.splits))
+                        rows.append(row)
+                        if best is None or us < best["us"]:
+                            best = row
             auto_rows = [r for r in rows if r["shape"] == name and r["sparsity"] == s and r["auto"]]
             print(f"{name:<13} S={s:.1f} k={k:5d} floor(bytes)={floor_us:6.2f} us  auto="
                   f"{auto_rows[0]['us'] if auto_rows else float('nan'):7.2f} us  best={best['us']:7.2f} us "
-                  f"[{best['variant']} c={best['chunks']} s={best['splits']} level={best['level_select']}]", flush=True)
+                  f"[{best['variant']} c={best['chunks']} s={best['splits']}]", flush=True)
         del ws
         torch.cuda.empty_cache()
     if args.json:

@@ -6,10 +6,8 @@ import torch
 
 from qsparse_infer import linear_kernels as lk
 from qsparse_infer import quant
-from qsparse_infer._ext import ext
 from qsparse_infer.config import topk_count
 
-ext().set_select_algo(0)
 d, segs = 2560, [2560]
 g = torch.Generator(device="cuda").manual_seed(0)
 rb = quant.packed_columns(segs, "concat") // 4

@@ -24,11 +24,8 @@ EpilogueArgs make_epilogue(uptr colinfo, uptr scales, int epi, uptr residual, up
   return e;
 }
 
-int g_select_use_level = 1;  // process-wide switch, for A/B timing of the two top-K algorithms
-
 SelectArgs make_select(uptr x, int x_bf16, uptr norm_w, float eps, int T, int D, int K) {
   SelectArgs s;
-  s.use_level = g_select_use_level;
   s.x = as_ptr<const void>(x);
   s.x_bf16 = x_bf16;
   s.norm_w = as_ptr<const float>(norm_w);
@@ -42,8 +39,6 @@ SelectArgs make_select(uptr x, int x_bf16, uptr norm_w, float eps, int T, int D,
 }  // namespace
 
 void register_linear(py::module_& m) {
-  m.def("set_select_algo", [](int use_level) { g_select_use_level = use_level ? 1 : 0; },
-        "Top-K algorithm for later launches: 1 = int8-level pre-pass + radix (default), 0 = radix only.");
   m.def("ternary_pack",
         [](uptr w, uptr colinfo, uptr packed, uptr err, int N, int D, int RB, uptr stream) {
           require_gpu();

@@ -35,7 +35,6 @@ struct SelectArgs {
   float* gamma = nullptr;
   int8_t* qdense = nullptr;
   int ldd = 0;
-  int use_level = 1;  // top-K algorithm: 1 = int8-level pre-pass + radix on that level, 0 = radix only
 };
 void launch_select(const SelectArgs& a, cudaStream_t stream);
 

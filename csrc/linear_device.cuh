@@ -84,43 +84,7 @@ struct SelectScratch {
   int redi[32];
   unsigned prefix, lo, tie_key;
   int rem, tie_count, done;
-  int use_level, lstar;  // level pre-pass: only keys of int8 level lstar are left to rank exactly
 };
-
-// The int8 magnitude level of a key: |q| = rint(|x| * scale). Monotone in |x|, and it spreads the
-// keys that matter (the large ones) over up to 128 bins, where the top bits of the fp32 key put
-// nearly all of them into 2-3 bins.
-__device__ __forceinline__ int key_level(float v, float scale) {
-  return static_cast<int>(fminf(rintf(__fmul_rn(fabsf(v), scale)), 127.f));
-}
-
-// Warp 0: in hist[0][0..32*BPL), find the bin b at which the count of keys in bins >= b first reaches
-// s.rem; record it through `take(bin, need, whole_bin)`.
-template <int BPL, typename Take>
-__device__ __forceinline__ void find_boundary_bin(const unsigned* hist, unsigned rem, Take take) {
-  const int lane = threadIdx.x & 31;
-  unsigned h[BPL];
-  unsigned local = 0;
-#pragma unroll
-  for (int b = 0; b < BPL; ++b) { h[b] = hist[lane * BPL + b]; local += h[b]; }
-  unsigned suffix = local;  // inclusive suffix sum over lanes >= lane
-  for (int o = 1; o < 32; o <<= 1) {
-    const unsigned n = __shfl_down_sync(0xffffffffu, suffix, o);
-    if (lane + o < 32) suffix += n;
-  }
-  const unsigned above_lane = suffix - local;
-  if (above_lane < rem && suffix >= rem) {
-    unsigned above = above_lane;
-#pragma unroll
-    for (int b = BPL - 1; b >= 0; --b) {
-      if (above + h[b] >= rem) {
-        take(lane * BPL + b, rem - above, rem - above == h[b]);
-        break;
-      }
-      above += h[b];
-    }
-  }
-}
 
 // Load token row x (optionally RMSNorm * w) into xs[D] (fp32). The loads are vectorized (16 B) when
 // the row allows it and issued in batches of 8 per thread, so a thread waits for one memory round
@@ -197,15 +161,12 @@ __device__ void load_row(const SelectArgs& a, int t, float* xs, SelectScratch& s
   __syncthreads();
 }
 
-// Exact top-K over xs[0..D). use_level: a first pass histograms the int8 levels |q| (128 bins) to find
-// the level lstar holding the K-th key; every key above it is in, and only the keys of level lstar
-// go on to the radix select on the fp32 bits of |x| (non-negative floats order like their bit
-// patterns), 8-bit digits from the top, warp-aggregated per-warp shared-memory histograms.
-// Result in s: an element is selected iff level > lstar, or level == lstar and (bits >= lo, or
-// bits == tie_key and it is among the first tie_count such elements in index order). Without the
-// level pass every level counts as lstar. Returns gamma; *scale_out = 127 / gamma.
+// Exact top-K over xs[0..D) by radix select on the fp32 bits of |x| (non-negative floats order like
+// their bit patterns), 8-bit digits from the top, warp-aggregated shared-memory histograms.
+// Result in s: an element is selected iff bits >= lo, or bits == tie_key and it is among the first
+// tie_count such elements in index order. Returns gamma; *scale_out = 127 / gamma.
 template <int NT>
-__device__ float block_select(const float* xs, int D, int K, SelectScratch& s, float* scale_out, int use_level) {
+__device__ float block_select(const float* xs, int D, int K, SelectScratch& s, float* scale_out) {
   const int tid = threadIdx.x, lane = tid & 31;
   float m = 0.f;
   for (int i = tid; i < D; i += NT) m = fmaxf(m, fabsf(xs[i]));
@@ -215,42 +176,13 @@ __device__ float block_select(const float* xs, int D, int K, SelectScratch& s, f
   // two correctly rounded ops, which can differ from one division in the last bit.
   *scale_out = __fmul_rn(__frcp_rn(gamma), 127.f);
   if (K >= D) {
-    if (tid == 0) { s.lo = 0u; s.tie_key = 0u; s.tie_count = 0; s.use_level = 0; s.lstar = 0; }
+    if (tid == 0) { s.lo = 0u; s.tie_key = 0u; s.tie_count = 0; }
     __syncthreads();
     return gamma;
   }
-  const float scale = *scale_out;
-  if (tid == 0) { s.prefix = 0u; s.rem = K; s.done = 0; s.use_level = use_level; s.lstar = 0; }
-  __syncthreads();
-  if (use_level) {
-    for (int i = tid; i < kHistCopies * 128; i += NT) s.hist[i >> 7][i & 127] = 0u;
-    __syncthreads();
-    for (int i0 = 0; i0 < D; i0 += NT) {
-      const int i = i0 + tid;
-      const int lvl = i < D ? key_level(xs[i], scale) : -1;
-      const unsigned same = __match_any_sync(0xffffffffu, lvl);
-      if (lvl >= 0 && lane == __ffs(same) - 1)
-        atomicAdd(&s.hist[(tid >> 5) % kHistCopies][lvl], static_cast<unsigned>(__popc(same)));
-    }
-    __syncthreads();
-    for (int i = tid; i < 128; i += NT) {
-      unsigned v = s.hist[0][i];
-#pragma unroll
-      for (int c = 1; c < kHistCopies; ++c) v += s.hist[c][i];
-      s.hist[0][i] = v;
-    }
-    __syncthreads();
-    if (tid < 32)
-      find_boundary_bin<4>(s.hist[0], static_cast<unsigned>(K), [&](int bin, unsigned need, bool whole) {
-        s.lstar = bin;
-        s.rem = static_cast<int>(need);
-        s.done = whole ? 1 : 0;
-      });
-    __syncthreads();
-  }
-  const int lstar = s.lstar;
+  if (tid == 0) { s.prefix = 0u; s.rem = K; s.done = 0; }
   unsigned mask = 0u;
-  for (int pass = 0; pass < 4 && !s.done; ++pass) {
+  for (int pass = 0; pass < 4; ++pass) {
     const int shift = 24 - 8 * pass;
     for (int i = tid; i < kHistCopies * 256; i += NT) (&s.hist[0][0])[i] = 0u;
     __syncthreads();
@@ -260,8 +192,7 @@ __device__ float block_select(const float* xs, int D, int K, SelectScratch& s, f
       int digit = -1;
       if (i < D) {
         const unsigned kb = __float_as_uint(fabsf(xs[i]));
-        if ((kb & mask) == prefix && (!use_level || key_level(xs[i], scale) == lstar))
-          digit = static_cast<int>((kb >> shift) & 255u);
+        if ((kb & mask) == prefix) digit = static_cast<int>((kb >> shift) & 255u);
       }
       const unsigned same = __match_any_sync(0xffffffffu, digit);
       if (digit >= 0 && lane == __ffs(same) - 1)
@@ -275,14 +206,38 @@ __device__ float block_select(const float* xs, int D, int K, SelectScratch& s, f
       s.hist[0][i] = v;
     }
     __syncthreads();
-    if (tid < 32)
-      find_boundary_bin<8>(s.hist[0], static_cast<unsigned>(s.rem), [&](int bin, unsigned need, bool whole) {
-        s.prefix = prefix | (static_cast<unsigned>(bin) << shift);
-        s.rem = static_cast<int>(need);
-        s.done = whole ? 1 : 0;  // the whole bucket is taken: no need to look further
-      });
+    if (tid < 32) {
+      // Lane l owns bins 8l..8l+7; find the bin where the count from the top reaches rem.
+      unsigned h[8];
+      unsigned local = 0;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) { h[b] = s.hist[0][lane * 8 + b]; local += h[b]; }
+      unsigned suffix = local;  // inclusive suffix sum over lanes >= lane
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned n = __shfl_down_sync(0xffffffffu, suffix, o);
+        if (lane + o < 32) suffix += n;
+      }
+      const unsigned rem = static_cast<unsigned>(s.rem);
+      const unsigned above_lane = suffix - local;
+      if (above_lane < rem && suffix >= rem) {
+        unsigned above = above_lane;
+#pragma unroll
+        for (int b = 7; b >= 0; --b) {
+          if (above + h[b] >= rem) {
+            const unsigned digit = static_cast<unsigned>(lane * 8 + b);
+            const unsigned need = rem - above;
+            s.prefix = prefix | (digit << shift);
+            s.rem = static_cast<int>(need);
+            s.done = (need == h[b]) ? 1 : 0;  // the whole bucket is taken: no need to look further
+            break;
+          }
+          above += h[b];
+        }
+      }
+    }
     __syncthreads();
     mask |= 255u << shift;
+    if (s.done) break;
   }
   if (tid == 0) {
     if (s.done) {
@@ -313,16 +268,15 @@ __device__ void block_compact(const float* xs, int D, int K, float scale, const 
   const int span = (((D + NW - 1) / NW) + 31) & ~31;
   const int wb = min(D, warp * span), we = min(D, wb + span);
   const unsigned lo = s.lo, tie = s.tie_key;
-  const int tie_count = s.tie_count, use_level = s.use_level, lstar = use_level ? s.lstar : 0;
+  const int tie_count = s.tie_count;
   int gt = 0, eq = 0;
   for (int i0 = wb; i0 < we; i0 += 32) {
     const int i = i0 + lane;
     bool g = false, e = false;
     if (i < we) {
       const unsigned kb = __float_as_uint(fabsf(xs[i]));
-      const int lv = use_level ? key_level(xs[i], scale) : 0;
-      g = lv > lstar || (lv == lstar && kb >= lo);
-      e = tie_count > 0 && lv == lstar && kb == tie;
+      g = kb >= lo;
+      e = tie_count > 0 && kb == tie;
     }
     gt += __popc(__ballot_sync(0xffffffffu, g));
     eq += __popc(__ballot_sync(0xffffffffu, e));
@@ -340,9 +294,8 @@ __device__ void block_compact(const float* xs, int D, int K, float scale, const 
     if (i < we) {
       v = xs[i];
       const unsigned kb = __float_as_uint(fabsf(v));
-      const int lv = use_level ? key_level(v, scale) : 0;
-      g = lv > lstar || (lv == lstar && kb >= lo);
-      e = tie_count > 0 && lv == lstar && kb == tie;
+      g = kb >= lo;
+      e = tie_count > 0 && kb == tie;
     }
     const unsigned eb = __ballot_sync(0xffffffffu, e);
     const bool sel = g || (e && ties_seen + __popc(eb & lt) < tie_count);

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
     int8_t* sq = reinterpret_cast<int8_t*>(sidx + Kpad);
     lin::load_row<kThreads>(a.sel, t, xs, s);
     float scale;
-    gamma = lin::block_select<kThreads>(xs, a.sel.D, K, s, &scale, a.sel.use_level);
+    gamma = lin::block_select<kThreads>(xs, a.sel.D, K, s, &scale);
     lin::block_compact<kThreads>(xs, a.sel.D, K, scale, s, sidx, sq, Kpad, nullptr, 0, s.redi);
     __syncthreads();
     idx = sidx;

@@ -15,7 +15,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
   const int t = blockIdx.x;
   lin::load_row<kSelectThreads>(a, t, xs, s);
   float scale;
-  const float gamma = lin::block_select<kSelectThreads>(xs, a.D, a.K, s, &scale, a.use_level);
+  const float gamma = lin::block_select<kSelectThreads>(xs, a.D, a.K, s, &scale);
   if (threadIdx.x == 0) a.gamma[t] = gamma;
   const size_t o = static_cast<size_t>(t) * a.ld;
   int8_t* qd = a.qdense ? a.qdense + static_cast<size_t>(t) * a.ldd : nullptr;

@@ -209,6 +209,9 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
     nslots = 8 * 32 // c
     # At most ~2 co-resident CTAs per SM (121 registers x 256 threads): one wave, no tail wave.
     splits = max(1, min(2 * _sm_count[idx] // ntiles, -(-groups // nslots)))
+    if nchunks >= 192:  # wide outputs (gate/up): tiles alone fill the GPU; no split-K (bench/gemv_sweep.py)
+        c = 8 if nchunks >= 800 else 4
+        splits, ntiles = 1, -(-nchunks // c)
     if shape is not None:  # (chunks per tile, splits): benchmarks sweep these
         c, splits = shape
         if c not in (1, 2, 4, 8) or splits < 1:

@@ -321,6 +321,25 @@ def test_builtin_model_is_packaged_and_small():
     assert engine.tokenizer.encode(GOLDEN_PROMPT) == GOLDEN_PROMPT_IDS
 
 
+# The documented near-tie rule. Greedy decoding is a chain of argmaxes over logits that pass through
+# int8 rounding and top-K selection; another fp32 summation order (another CPU's matmul kernels, or the
+# GPU's kernels) can flip one int8 value or one top-K choice and move the logits by ~1e-2. So a run
+# matches the golden ids exactly, or its first difference falls on a step where the stored top-2 logit
+# margin is below NEAR_TIE; every token before that step must match. (On the CI machine, which made
+# the golden data, the CPU run matches exactly.)
+NEAR_TIE = 0.02
+
+
+def assert_matches_golden(new: list[int]) -> None:
+    first = next((i for i, (a, b) in enumerate(zip(new, GOLDEN_IDS)) if a != b), None)
+    if first is None:
+        assert len(new) == len(GOLDEN_IDS), (new, GOLDEN_IDS)
+        return
+    assert GOLDEN_MARGINS[first] < NEAR_TIE, (
+        f"greedy tokens diverge from the golden ids at step {first} ({new[first]} vs {GOLDEN_IDS[first]}), "
+        f"where the reference's top-2 margin is {GOLDEN_MARGINS[first]} (not a near-tie)")
+
+
 def test_builtin_model_golden_greedy_generation_cpu():
     from qsparse_infer import Engine
     from qsparse_infer.reference import KVCache
@@ -339,11 +358,20 @@ def test_builtin_model_golden_greedy_generation_cpu():
             new.append(int(logits.argmax()))
             if step < 31:
                 logits = model(torch.tensor(new[-1:]), cache, len(ids) + step)[-1]
-    assert new == GOLDEN_IDS, (new, margins)
-    assert engine.tokenizer.decode(new) == GOLDEN_TEXT
-    assert margins == pytest.approx(GOLDEN_MARGINS, abs=1e-2)
-    try:
-        from qsparse_infer import generation  # noqa: F401  (the generation module comes from another branch)
-    except ImportError:
-        return
-    assert engine.generate(GOLDEN_PROMPT, max_new_tokens=32, temperature=0) == GOLDEN_TEXT
+    assert_matches_golden(new)
+    if new == GOLDEN_IDS:
+        assert engine.tokenizer.decode(new) == GOLDEN_TEXT
+        assert margins == pytest.approx(GOLDEN_MARGINS, abs=1e-2)
+        assert engine.generate(GOLDEN_PROMPT, max_new_tokens=32, temperature=0) == GOLDEN_TEXT
+
+
+@pytest.mark.gpu
+def test_builtin_model_golden_greedy_generation_gpu():
+    from qsparse_infer import Engine
+    from qsparse_infer.generation import generate_tokens
+
+    engine = Engine.load(device="cuda")
+    new = list(generate_tokens(engine, GOLDEN_PROMPT, max_new_tokens=32, temperature=0, stop_at_eos=False))
+    assert_matches_golden(new)
+    if new == GOLDEN_IDS:
+        assert engine.generate(GOLDEN_PROMPT, max_new_tokens=32, temperature=0) == GOLDEN_TEXT
