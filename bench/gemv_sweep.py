@@ -64,13 +64,13 @@ def main() -> int:
         out = torch.empty(1, segs[0] if glu else sum(segs), device="cuda")
         for s in (0.0, 0.6):
             k = topk_count(d, s)
-            auto = lk.plan_gemv(ws[0], k, x.device)
+            auto = lk.plan_gemv(ws[0], k, x.device)  # variant 1's own plan, swept around
             nbytes = k * rb
             floor_us = nbytes / (copy * 1e9 / 2) * 1e6  # copy GB/s counts read + write
             best = None
-            for variant in ("fused", "split"):
-                for chunks in (1, 2, 4, 8):
-                    for splits in sorted({1, 2, 4, auto.splits}):
+            for variant in ("t1", "fused", "split"):
+                for chunks in ((0,) if variant == "t1" else (1, 2, 4, 8)):
+                    for splits in ((1, 2, 4, 8, 16) if variant == "t1" else sorted({1, 2, 4, auto.splits})):
                         try:
                             us = time_graph([lambda w=w: lk.ternary_linear(
                                 x, w, k, norm_weight=nw, glu=glu, out=out, _variant=variant,
@@ -80,8 +80,7 @@ def main() -> int:
                             continue
                         row = dict(shape=name, D=d, N=sum(segs), sparsity=s, k=k, variant=variant, chunks=chunks,
                                    splits=splits, us=round(us, 3), bytes=nbytes, bw_floor_us=round(floor_us, 3),
-                                   auto=(variant == ("fused" if auto.fused else "split") and chunks ==
-                                         auto.chunks_per_tile and splits == auto.splits))
+                                   auto=(variant == "t1" and splits == lk.plan_t1(ws[0], k, x.device)))
                         rows.append(row)
                         if best is None or us < best["us"]:
                             best = row

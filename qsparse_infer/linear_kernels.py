@@ -229,6 +229,24 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
     return GemvPlan(fused, c, splits, ntiles)
 
 
+T1_MAX_D = 32768  # = _C.gemv_t1_max_d(): the one-token kernel keeps 32 values of x per thread, 1024 threads
+
+
+def plan_t1(w: PackedTernary, k: int, device: torch.device) -> int:
+    """CTAs per 512-column block (a thread-block cluster, <= 16) for the one-token GEMV: about one wave of
+    1-2 CTAs per SM, and at least one group of 4 selected rows per warp."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_count:
+        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    blocks = -(-w.npad // 512)
+    warps = 8 if w.in_features <= 8192 else 32
+    groups = -(-k // 4)
+    r = 1
+    while r < 16 and blocks * r * 2 <= 2 * _sm_count[idx] and groups // (r * 2) >= warps:
+        r *= 2
+    return r
+
+
 # ---------------------------------------------------------------------------------------------
 # Public wrappers
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +284,10 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     """BitLinear over a packed ternary group: [RMSNorm] -> absmax int8 -> top-k -> int32 product -> epilogue.
 
     T <= 8 tokens run the gather-GEMV (only the k selected rows are read); more run the tensor-core
-    GEMM on masked int8 activations. `_raw_acc` (int32 [T, Npad], tests) receives the exact int32
-    accumulators per packed column; `_variant` ("fused" / "split") overrides the GEMV choice.
+    GEMM on masked int8 activations. One token goes to the one-token kernel (variant 2, "t1") unless
+    `_variant` ("fused" / "split", variant 1) says otherwise. `_raw_acc` (int32 [T, Npad], tests) receives
+    the exact int32 accumulators per packed column; `_shape` overrides the launch shape (benchmarks):
+    (chunks per tile, K-splits) for variant 1, (ignored, CTAs per column block) for "t1".
     """
     if not isinstance(w, PackedTernary):
         raise TypeError(f"w must be a PackedTernary, got {type(w).__name__}")
@@ -310,7 +330,14 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     res_ptr = residual.data_ptr() if residual is not None else 0
     raw_ptr = _raw_acc.data_ptr() if _raw_acc is not None else 0
     rb = int(w.packed.shape[1])
-    if t <= MAX_GEMV_TOKENS:
+    if t == 1 and k >= 1 and d <= T1_MAX_D and _variant in (None, "t1"):
+        r = _shape[1] if (_variant == "t1" and _shape is not None) else plan_t1(w, k, dev)
+        ext().ternary_gemv_t1(x.data_ptr(), xb, norm_ptr, float(norm_eps), d, k, w.packed.data_ptr(), rb,
+                              w.colinfo.data_ptr(), w.scales.data_ptr(), epi, res_ptr, out.data_ptr(), n_out,
+                              raw_ptr, r, stream)
+    elif t <= MAX_GEMV_TOKENS:
+        if _variant == "t1":
+            raise ValueError("the t1 GEMV variant takes exactly one token and 1 <= k")
         plan = plan_gemv(w, k, dev, _variant, _shape)
         ws = _buffer(dev, "ws", MAX_GEMV_TOKENS * w.npad, torch.int32)
         ctr = _buffer(dev, "counters", MAX_GEMV_TOKENS * plan.ntiles, torch.int32)

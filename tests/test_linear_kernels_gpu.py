@@ -196,6 +196,50 @@ def test_gemv_exact(s, t, variant):
     assert torch.equal(y.cpu(), ref)
 
 
+@pytest.mark.parametrize("s", SPARSITIES)
+@pytest.mark.parametrize("kind", ["randn", "ties", "zero_token"])
+@pytest.mark.parametrize("d,sizes,r", [(997, [333, 77, 77], None), (997, [333, 77, 77], 1), (97, [45], 2),
+                                       (2560, [2560, 640, 640], 16), (6912, [1031], None), (9001, [515], None),
+                                       (9001, [515], 4)])
+def test_gemv_t1_exact(s, kind, d, sizes, r):
+    """The one-token kernel (variant 2): exact int32 sums and outputs for 1 <= k <= D, odd sizes, both
+    register layouts (256 threads up to D = 8192, 1024 above), and any cluster size R."""
+    gen = torch.Generator().manual_seed(int(s * 1000) + d + len(kind))
+    w, full, betas = build(sizes, "concat", d, gen)
+    x = make_x(1, d, kind, gen, torch.bfloat16 if d == 6912 else torch.float32)
+    k = max(1, k_of(d, s))
+    y, raw = run_linear(x, w, k, _variant="t1", _shape=None if r is None else (0, r))
+    q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
+    acc = quant.int_matmul(q, full)
+    assert torch.equal(logical_acc(raw, w), acc)
+    assert not torch.isnan(y).any(), "unwritten outputs"
+    assert torch.equal(y.cpu(), ref_outputs(acc, gamma, betas, sizes))
+
+
+@pytest.mark.parametrize("glu", ["relu2", "silu"])
+@pytest.mark.parametrize("r", [1, 8])
+def test_gemv_t1_glu_residual(glu, r):
+    gen = torch.Generator().manual_seed(5 + r)
+    d, m = 1283, 700
+    w, full, betas = build([m, m], "interleave", d, gen)
+    x = make_x(1, d, "randn", gen)
+    k = k_of(d, 0.6)
+    y, raw = run_linear(x, w, k, glu=glu, _variant="t1", _shape=(0, r))
+    q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
+    acc = quant.int_matmul(q, full)
+    assert torch.equal(logical_acc(raw, w), acc)
+    gu = ref_outputs(acc, gamma, betas, [m, m])
+    g, u = gu[:, :m], gu[:, m:]
+    ref = torch.relu(g).square() * u if glu == "relu2" else torch.nn.functional.silu(g) * u
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-5 if glu == "silu" else 0, atol=1e-6 if glu == "silu" else 0)
+    w2, full2, betas2 = build([m], "concat", d, gen)
+    res = torch.randn(1, m, generator=gen).to(DEV)
+    res_ref = res.cpu().clone()
+    lk.ternary_linear(x, w2, k, residual=res, out=res, _variant="t1", _shape=(0, r))
+    ref2 = res_ref + ref_outputs(quant.int_matmul(q, full2), gamma, betas2, [m])
+    assert torch.equal(res.cpu(), ref2)
+
+
 @pytest.mark.parametrize("d,n,s,variant", [(2560, 3840, 0.6, "fused"), (8192, 1000, 0.6, "fused"),
                                            (8192, 1000, 0.6, "split"), (28672, 200, 0.6, "split"),
                                            (6912, 2560, 0.0, None), (2563, 1031, 0.9, None)])
@@ -265,7 +309,7 @@ def test_gemm_exact(t, s):
     assert torch.equal(y.cpu(), ref_outputs(acc, gamma, betas, sizes))
 
 
-@pytest.mark.parametrize("t,variant", [(1, "fused"), (3, "split"), (20, None)])
+@pytest.mark.parametrize("t,variant", [(1, "fused"), (1, "t1"), (3, "split"), (20, None)])
 def test_norm_fused_linear(t, variant):
     """acc is exact w.r.t. the kernel's own selection (quantize_topk normalizes identically); the
     selection itself matches the CPU reference up to near-ties; y is close to the reference."""
