@@ -91,11 +91,12 @@ void register_linear(py::module_& m) {
         "Gather-GEMV over packed ternary rows for T <= 8 tokens (fused or from a prior quantize_topk).");
   m.def("ternary_gemv_t1",
         [](uptr x, int x_bf16, uptr norm_w, float eps, int D, int K, uptr packed, int RB, uptr colinfo, uptr scales,
-           int epi, uptr residual, uptr out, int out_ld, uptr raw, int R, uptr stream) {
+           int nseg, int epi, uptr residual, uptr out, int out_ld, uptr raw, int R, uptr stream) {
           require_gpu();
           SelectArgs s = make_select(x, x_bf16, norm_w, eps, 1, D, K);
           launch_gemv_t1(s, as_ptr<const uint8_t>(packed), RB,
-                         make_epilogue(colinfo, scales, epi, residual, out, out_ld, raw), R, as_stream(stream));
+                         make_epilogue(colinfo, scales, epi, residual, out, out_ld, raw), nseg, R,
+                         as_stream(stream));
         },
         "One-token gather-GEMV with the selection fused (variant 2); R CTAs per 512 columns (a cluster).");
   m.def("gemv_t1_max_d", &gemv_t1_max_d, "Largest input dimension of the one-token GEMV.");

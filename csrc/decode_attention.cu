@@ -17,7 +17,8 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxG = 8;
 // Fewest positions a split handles: below this, the merge costs more than the parallelism gains.
-constexpr int kMinChunk = 32;
+constexpr int kMinChunk = 16;
+constexpr int kPosInFlight = 4;  // = kMinChunk / kWarps: a minimal split is one batch of loads per warp
 
 template <typename C, int EPL>
 __global__ void __launch_bounds__(kWarps * 32) attention_kernel(
@@ -52,31 +53,42 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(
   }
   const C* kb = kc + (size_t)g * max_len * hd;
   const C* vb = vc + (size_t)g * max_len * hd;
-  for (int p = p0 + warp; p < p1; p += kWarps) {
-    float kv[EPL], vv[EPL];
+  // Each warp loads the K/V rows of kPosInFlight positions before using any of them: one memory round
+  // trip per batch instead of one per position. Positions keep the order p0 + warp, + kWarps, ...
+  for (int pb = p0 + warp; pb < p1; pb += kWarps * kPosInFlight) {
+    float kv[kPosInFlight][EPL], vv[kPosInFlight][EPL];
 #pragma unroll
-    for (int e = 0; e < EPL; ++e) {
-      const int d = lane + 32 * e;
-      kv[e] = d < hd ? dec::to_f<C>(kb[(size_t)p * hd + d]) : 0.f;
-      vv[e] = d < hd ? dec::to_f<C>(vb[(size_t)p * hd + d]) : 0.f;
+    for (int u = 0; u < kPosInFlight; ++u) {
+      const int p = pb + u * kWarps;
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        const int d = lane + 32 * e;
+        const bool ok = p < p1 && d < hd;
+        kv[u][e] = ok ? dec::to_f<C>(kb[(size_t)p * hd + d]) : 0.f;
+        vv[u][e] = ok ? dec::to_f<C>(vb[(size_t)p * hd + d]) : 0.f;
+      }
     }
 #pragma unroll
-    for (int h = 0; h < kMaxG; ++h) {
-      if (h < G) {
-        float s = 0.f;
+    for (int u = 0; u < kPosInFlight; ++u) {
+      if (pb + u * kWarps >= p1) break;  // warp-uniform
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) {
-          const int d = lane + 32 * e;
-          if (d < hd) s += q_s[h * hd + d] * kv[e];
+      for (int h = 0; h < kMaxG; ++h) {
+        if (h < G) {
+          float s = 0.f;
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) {
+            const int d = lane + 32 * e;
+            if (d < hd) s += q_s[h * hd + d] * kv[u][e];
+          }
+          s = dec::warp_sum(s) * scale;
+          const float mn = fmaxf(m[h], s);
+          const float corr = expf(m[h] - mn);  // m = -inf on the first key: corr = 0
+          const float pe = expf(s - mn);
+          l[h] = l[h] * corr + pe;
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) acc[h][e] = acc[h][e] * corr + pe * vv[u][e];
+          m[h] = mn;
         }
-        s = dec::warp_sum(s) * scale;
-        const float mn = fmaxf(m[h], s);
-        const float corr = expf(m[h] - mn);  // m = -inf on the first key: corr = 0
-        const float pe = expf(s - mn);
-        l[h] = l[h] * corr + pe;
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) acc[h][e] = acc[h][e] * corr + pe * vv[e];
-        m[h] = mn;
       }
     }
   }

@@ -65,7 +65,7 @@ struct GemvArgs {
 void launch_gemv(const GemvArgs& a, cudaStream_t stream);
 // One-token gather-GEMV (variant 2, linear_gemv_t1.cu): selection fused, R CTAs per 512-column block
 // reduced through a thread-block cluster (R = 1 below sm_90). 1 <= K <= D <= gemv_t1_max_d().
-void launch_gemv_t1(const SelectArgs& sel, const uint8_t* packed, int RB, const EpilogueArgs& ep, int R,
+void launch_gemv_t1(const SelectArgs& sel, const uint8_t* packed, int RB, const EpilogueArgs& ep, int nseg, int R,
                     cudaStream_t stream);
 int gemv_t1_max_d();
 // Dynamic shared memory the fused GEMV needs (0 when it cannot run fused at this D, K).

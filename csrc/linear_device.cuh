@@ -318,23 +318,25 @@ __device__ void block_compact(const float* xs, int D, int K, float scale, const 
 // Epilogue for packed column `col` of token t with int32 sum acc (and acc16 = column col + 16, the
 // "up" partner of an interleaved gate column). gamma is the token's absmax.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float scale_of(const EpilogueArgs& e, int seg, float gamma) {
-  return __fdiv_rn(__fmul_rn(gamma, e.scales[seg]), 127.f);
+__device__ __forceinline__ float scale_of(const float* scales, int seg, float gamma) {
+  return __fdiv_rn(__fmul_rn(gamma, scales[seg]), 127.f);
 }
 
-__device__ __forceinline__ void epilogue_one(const EpilogueArgs& e, int t, int col, int acc, int acc16, float gamma) {
-  const int info = e.colinfo[col];
+// The epilogue with its inputs already loaded: info = colinfo[col], scales = the betas (global or shared
+// memory), resid = residual[o] (read only by the residual epilogue). Kernels that prefetch these call it
+// directly; epilogue_one loads them first.
+__device__ __forceinline__ void epilogue_apply(const EpilogueArgs& e, size_t o, int col, int info, int acc,
+                                               int acc16, float gamma, const float* scales, float resid) {
   if (info < 0) return;
-  const int seg = info >> 24, n = info & 0xffffff;
-  const size_t o = static_cast<size_t>(t) * e.out_ld + n;
+  const int seg = info >> 24;
   if (e.epi == kEpiPlain) {
-    e.out[o] = __fmul_rn(__int2float_rn(acc), scale_of(e, seg, gamma));
+    e.out[o] = __fmul_rn(__int2float_rn(acc), scale_of(scales, seg, gamma));
   } else if (e.epi == kEpiResidual) {
-    e.out[o] = __fadd_rn(e.residual[o], __fmul_rn(__int2float_rn(acc), scale_of(e, seg, gamma)));
+    e.out[o] = __fadd_rn(resid, __fmul_rn(__int2float_rn(acc), scale_of(scales, seg, gamma)));
   } else {
     if ((col >> 4) & 1) return;  // up columns are consumed with their gate partner
-    const float g = __fmul_rn(__int2float_rn(acc), scale_of(e, 0, gamma));
-    const float u = __fmul_rn(__int2float_rn(acc16), scale_of(e, 1, gamma));
+    const float g = __fmul_rn(__int2float_rn(acc), scale_of(scales, 0, gamma));
+    const float u = __fmul_rn(__int2float_rn(acc16), scale_of(scales, 1, gamma));
     float a;
     if (e.epi == kEpiRelu2) {
       const float r = fmaxf(g, 0.f);
@@ -344,6 +346,17 @@ __device__ __forceinline__ void epilogue_one(const EpilogueArgs& e, int t, int c
     }
     e.out[o] = __fmul_rn(a, u);
   }
+}
+
+__device__ __forceinline__ size_t epilogue_offset(const EpilogueArgs& e, int t, int info) {
+  return static_cast<size_t>(t) * e.out_ld + (info & 0xffffff);
+}
+
+__device__ __forceinline__ void epilogue_one(const EpilogueArgs& e, int t, int col, int acc, int acc16, float gamma) {
+  const int info = e.colinfo[col];
+  if (info < 0) return;
+  const size_t o = epilogue_offset(e, t, info);
+  epilogue_apply(e, o, col, info, acc, acc16, gamma, e.scales, e.epi == kEpiResidual ? e.residual[o] : 0.f);
 }
 
 }  // namespace lin

@@ -27,7 +27,6 @@ namespace qsparse {
 namespace {
 
 constexpr int kColsPerCta = 512;  // 32 lanes x 4 bytes x 4 columns per byte
-constexpr int kUnroll = 4;        // groups of 4 rows in flight per thread
 
 __device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
   int d;
@@ -104,6 +103,7 @@ struct T1Args {
   int RB;               // bytes per packed row
   EpilogueArgs ep;
   int R;                // CTAs per column block (cluster size along y)
+  int nseg;             // number of betas (segments)
 };
 
 template <int NT, int KPT>
@@ -119,15 +119,37 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
   uint16_t* sidx = reinterpret_cast<uint16_t*>(smem + NW * kColsPerCta * 4);  // [Kpad]
   int8_t* sq = reinterpret_cast<int8_t*>(sidx + Kpad);                    // [Kpad]
 
+  // ---- 0. The epilogue's inputs do not depend on the selection: the leader CTA loads them first, so their
+  // latency hides behind the selection instead of adding to the end of the chain.
+  constexpr int CPT = (kColsPerCta + NT - 1) / NT;  // epilogue columns per thread
+  __shared__ float s_scales[4];
+  const bool lead_cta = blockIdx.y == 0;
+  int e_info[CPT];
+  float e_res[CPT];
+#pragma unroll
+  for (int u = 0; u < CPT; ++u) {
+    const int c = tid + u * NT, col = blockIdx.x * kColsPerCta + c;
+    e_info[u] = -1;
+    e_res[u] = 0.f;
+    if (lead_cta && c < kColsPerCta && col < a.RB * 4) {
+      e_info[u] = __ldg(a.ep.colinfo + col);
+      if (a.ep.epi == kEpiResidual && e_info[u] >= 0) e_res[u] = a.ep.residual[lin::epilogue_offset(a.ep, 0, e_info[u])];
+    }
+  }
+  if (tid < a.nseg && tid < 4) s_scales[tid] = __ldg(a.ep.scales + tid);
+
   // ---- 1. x (+ RMSNorm) into registers: value j of thread (warp, lane) is channel warp*32*KPT + 32j + lane.
-  float v[KPT];
+  constexpr bool kPrefetchNorm = NT <= 256;  // the 1024-thread variant has no registers to spare
+  float v[KPT], nw[kPrefetchNorm ? KPT : 1];
   const int base = warp * 32 * KPT + lane;
+  const bool has_norm = a.sel.norm_w != nullptr;
 #pragma unroll
   for (int j = 0; j < KPT; ++j) {
     const int i = base + 32 * j;
     v[j] = i < D ? lin::load_x(a.sel.x, a.sel.x_bf16, i) : 0.f;
+    if constexpr (kPrefetchNorm) nw[j] = (has_norm && i < D) ? __ldg(a.sel.norm_w + i) : 0.f;
   }
-  if (a.sel.norm_w != nullptr) {
+  if (has_norm) {
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < KPT; ++j) ss = __fmaf_rn(v[j], v[j], ss);
@@ -136,7 +158,9 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
 #pragma unroll
     for (int j = 0; j < KPT; ++j) {
       const int i = base + 32 * j;
-      const float w = i < D ? __ldg(a.sel.norm_w + i) : 0.f;
+      float w;
+      if constexpr (kPrefetchNorm) w = nw[j];
+      else w = i < D ? __ldg(a.sel.norm_w + i) : 0.f;
       v[j] = __fmul_rn(__fmul_rn(v[j], inv), w);
     }
     __syncthreads();  // redf is reused below
@@ -223,6 +247,7 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
 #pragma unroll
   for (int c = 0; c < 16; ++c) acc[c] = 0;
   int sumq = 0;
+  constexpr int kUnroll = NT <= 256 ? 8 : 4;  // groups of 4 rows in flight per thread
   for (int g = g0 + warp; g < g1; g += kUnroll * NW) {
     unsigned w[kUnroll][4];
     int q4[kUnroll];
@@ -287,14 +312,16 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
 #endif
   if (leader) {
     __syncthreads();
-    const int npad = a.RB * 4;
-    for (int c = tid; c < kColsPerCta; c += NT) {
-      const int col = blockIdx.x * kColsPerCta + c;
-      if (col >= npad) break;
+#pragma unroll
+    for (int u = 0; u < CPT; ++u) {
+      const int c = tid + u * NT, col = blockIdx.x * kColsPerCta + c;
+      if (c >= kColsPerCta || col >= a.RB * 4) continue;
       const int acc_c = red[c];
       const int acc16 = c + 16 < kColsPerCta ? red[c + 16] : 0;
       if (a.ep.raw) a.ep.raw[col] = acc_c;
-      lin::epilogue_one(a.ep, 0, col, acc_c, acc16, gamma);
+      if (e_info[u] >= 0)
+        lin::epilogue_apply(a.ep, lin::epilogue_offset(a.ep, 0, e_info[u]), col, e_info[u], acc_c, acc16, gamma,
+                            s_scales, e_res[u]);
     }
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -339,7 +366,7 @@ void launch_t1(const T1Args& a, int cc_major, cudaStream_t stream) {
 
 int gemv_t1_max_d() { return 1024 * 32; }
 
-void launch_gemv_t1(const SelectArgs& sel, const uint8_t* packed, int RB, const EpilogueArgs& ep, int R,
+void launch_gemv_t1(const SelectArgs& sel, const uint8_t* packed, int RB, const EpilogueArgs& ep, int nseg, int R,
                     cudaStream_t stream) {
   if (sel.T != 1) throw std::invalid_argument("gemv_t1: exactly one token");
   if (sel.K < 1 || sel.K > sel.D) throw std::invalid_argument("gemv_t1: need 1 <= K <= D");
@@ -348,9 +375,14 @@ void launch_gemv_t1(const SelectArgs& sel, const uint8_t* packed, int RB, const 
   int dev = 0, cc_major = 0;
   QS_CUDA_CHECK(cudaGetDevice(&dev));
   QS_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
-  T1Args a{sel, packed, RB, ep, cc_major >= 9 ? R : 1};
+  if (nseg < 1 || nseg > 4) throw std::invalid_argument("gemv_t1: 1 to 4 segments");
+  T1Args a{sel, packed, RB, ep, cc_major >= 9 ? R : 1, nseg};
+  // Values of x per thread sized to the common model widths (2560, 6912 = BitNet-2B4T), so the
+  // unrolled selection loops do not run over padding.
   if (sel.D <= 256 * 8) launch_t1<256, 8>(a, cc_major, stream);
+  else if (sel.D <= 256 * 10) launch_t1<256, 10>(a, cc_major, stream);
   else if (sel.D <= 256 * 16) launch_t1<256, 16>(a, cc_major, stream);
+  else if (sel.D <= 256 * 28) launch_t1<256, 28>(a, cc_major, stream);
   else if (sel.D <= 256 * 32) launch_t1<256, 32>(a, cc_major, stream);
   else launch_t1<1024, 32>(a, cc_major, stream);
 }

@@ -23,11 +23,14 @@ def _resolve_sparsity(value: SparsityConfig | str | float | None, default: Spars
     return SparsityConfig.uniform(float(value))
 
 
+KV_CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 class Engine:
     """A loaded model. Attributes: config, sparsity, tokenizer (None if the file has none), device,
     file (EngineFile), model (the reference Transformer, CPU, built lazily) and, on "cuda", gpu (the GPU decoder)."""
 
-    def __init__(self, file: EngineFile, device: str, sparsity: SparsityConfig) -> None:
+    def __init__(self, file: EngineFile, device: str, sparsity: SparsityConfig, kv_cache: str = "bf16") -> None:
         from .tokenizer import Tokenizer
 
         self.file = file
@@ -41,13 +44,16 @@ class Engine:
         if device == "cuda":
             from .gpu_model import GpuModel
 
-            self.gpu = GpuModel(self.file, self.sparsity)
+            if kv_cache not in KV_CACHE_DTYPES:
+                raise ValueError(f"kv_cache must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache!r}")
+            self.gpu = GpuModel(self.file, self.sparsity, kv_dtype=KV_CACHE_DTYPES[kv_cache])
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto",
-             sparsity: SparsityConfig | str | float | None = None) -> "Engine":
+             sparsity: SparsityConfig | str | float | None = None, kv_cache: str = "bf16") -> "Engine":
         """Load an engine file (None: the built-in Shakespeare model). device: "auto", "cuda" or "cpu".
-        sparsity overrides the ratios stored in the file."""
+        sparsity overrides the ratios stored in the file. kv_cache ("bf16" or "fp32", GPU only): bf16 halves
+        the cache's memory and bytes read per token; fp32 follows the reference model's math exactly."""
         if path is None:
             if not BUILTIN_MODEL.is_file():
                 raise FileNotFoundError(
@@ -56,7 +62,7 @@ class Engine:
             path = BUILTIN_MODEL
         device = _pick_device(device)
         ef = read_engine(path)
-        return cls(ef, device, _resolve_sparsity(sparsity, ef.sparsity))
+        return cls(ef, device, _resolve_sparsity(sparsity, ef.sparsity), kv_cache)
 
     @property
     def model(self) -> torch.nn.Module:

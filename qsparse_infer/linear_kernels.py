@@ -333,8 +333,8 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     if t == 1 and k >= 1 and d <= T1_MAX_D and _variant in (None, "t1"):
         r = _shape[1] if (_variant == "t1" and _shape is not None) else plan_t1(w, k, dev)
         ext().ternary_gemv_t1(x.data_ptr(), xb, norm_ptr, float(norm_eps), d, k, w.packed.data_ptr(), rb,
-                              w.colinfo.data_ptr(), w.scales.data_ptr(), epi, res_ptr, out.data_ptr(), n_out,
-                              raw_ptr, r, stream)
+                              w.colinfo.data_ptr(), w.scales.data_ptr(), int(w.scales.numel()), epi, res_ptr,
+                              out.data_ptr(), n_out, raw_ptr, r, stream)
     elif t <= MAX_GEMV_TOKENS:
         if _variant == "t1":
             raise ValueError("the t1 GEMV variant takes exactly one token and 1 <= k")

@@ -370,7 +370,7 @@ def test_builtin_model_golden_greedy_generation_gpu():
     from qsparse_infer import Engine
     from qsparse_infer.generation import generate_tokens
 
-    engine = Engine.load(device="cuda")
+    engine = Engine.load(device="cuda", kv_cache="fp32")  # the reference keeps K/V in fp32
     new = list(generate_tokens(engine, GOLDEN_PROMPT, max_new_tokens=32, temperature=0, stop_at_eos=False))
     assert_matches_golden(new)
     if new == GOLDEN_IDS:
