@@ -142,7 +142,7 @@ def bench_shape(name: str, d: int, segs: list[int], glu: str | None, copy_gbps: 
             "speedup_vs_dense_ternary": round(dense_us / us, 3),
             "speedup_vs_torch_bf16": round(torch_us / us, 2),
             "speedup_vs_torch_topk_gather": round(tg_us / us, 2),
-            "variant": (f"t1 R={lk.plan_t1(ws[0], k, x.device)}" if d <= lk.T1_MAX_D
+            "variant": (f"t1 R={lk.plan_t1(ws[0], k, x.device)}" if d <= lk.T1_AUTO_MAX_D
                         else ("fused" if fused_ok.fused else "split")),
             "splits": fused_ok.splits,
             "us_fused": None if variants.get("fused") is None else round(variants["fused"], 3),

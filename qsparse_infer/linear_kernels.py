@@ -230,6 +230,10 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
 
 
 T1_MAX_D = 32768  # = _C.gemv_t1_max_d(): the one-token kernel keeps 32 values of x per thread, 1024 threads
+# Above 8192 the one-token kernel needs its 1024-thread form, which spills and waits on 32-warp barriers:
+# measured on an H100 at S = 0.6, 70b.down 190 us against 59 us for variant 1's split path (same run,
+# bench/results/gemv-sweep-h100.json) and 8b.down 119 us against 37 us. So by default it serves D <= 8192.
+T1_AUTO_MAX_D = 8192
 
 
 def plan_t1(w: PackedTernary, k: int, device: torch.device) -> int:
@@ -330,7 +334,7 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     res_ptr = residual.data_ptr() if residual is not None else 0
     raw_ptr = _raw_acc.data_ptr() if _raw_acc is not None else 0
     rb = int(w.packed.shape[1])
-    if t == 1 and k >= 1 and d <= T1_MAX_D and _variant in (None, "t1"):
+    if t == 1 and k >= 1 and _variant in (None, "t1") and (d <= T1_AUTO_MAX_D or (_variant == "t1" and d <= T1_MAX_D)):
         r = _shape[1] if (_variant == "t1" and _shape is not None) else plan_t1(w, k, dev)
         ext().ternary_gemv_t1(x.data_ptr(), xb, norm_ptr, float(norm_eps), d, k, w.packed.data_ptr(), rb,
                               w.colinfo.data_ptr(), w.scales.data_ptr(), int(w.scales.numel()), epi, res_ptr,

@@ -322,20 +322,24 @@ def test_builtin_model_is_packaged_and_small():
 
 
 # The documented near-tie rule. Greedy decoding is a chain of argmaxes over logits that pass through
-# int8 rounding and top-K selection; another fp32 summation order (another CPU's matmul kernels, or the
-# GPU's kernels) can flip one int8 value or one top-K choice and move the logits by ~1e-2. So a run
-# matches the golden ids exactly, or its first difference falls on a step where the stored top-2 logit
-# margin is below NEAR_TIE; every token before that step must match. (On the CI machine, which made
-# the golden data, the CPU run matches exactly.)
-NEAR_TIE = 0.02
+# int8 rounding and top-K selection; another fp32 summation order can flip one int8 value or one top-K
+# choice and move the logits. So a run matches the golden ids exactly, or its first difference falls on
+# a step where the stored top-2 logit margin is below the path's NEAR_TIE; every token before that step
+# must match. The CPU path differs only by the matmul kernels' summation order (another CPU: seen on
+# the GPU machine's CPU, diverging at a 0.005 margin). The GPU path also sums the RMSNorms in another
+# order and fuses them into the selection; its decode-step logits differ from the reference by up to
+# ~4e-3 relative (tests/test_gpu_model_gpu.py), about 0.05-0.1 absolute on this model's logits. On an
+# H100 it diverged at step 1, where the reference margin is 0.046 (bench/results/gpu-tests-h100.log).
+# On the CI machine, which made the golden data, the CPU run matches exactly.
+NEAR_TIE = {"cpu": 0.02, "cuda": 0.1}
 
 
-def assert_matches_golden(new: list[int]) -> None:
+def assert_matches_golden(new: list[int], device: str = "cpu") -> None:
     first = next((i for i, (a, b) in enumerate(zip(new, GOLDEN_IDS)) if a != b), None)
     if first is None:
         assert len(new) == len(GOLDEN_IDS), (new, GOLDEN_IDS)
         return
-    assert GOLDEN_MARGINS[first] < NEAR_TIE, (
+    assert GOLDEN_MARGINS[first] < NEAR_TIE[device], (
         f"greedy tokens diverge from the golden ids at step {first} ({new[first]} vs {GOLDEN_IDS[first]}), "
         f"where the reference's top-2 margin is {GOLDEN_MARGINS[first]} (not a near-tie)")
 
@@ -372,6 +376,6 @@ def test_builtin_model_golden_greedy_generation_gpu():
 
     engine = Engine.load(device="cuda", kv_cache="fp32")  # the reference keeps K/V in fp32
     new = list(generate_tokens(engine, GOLDEN_PROMPT, max_new_tokens=32, temperature=0, stop_at_eos=False))
-    assert_matches_golden(new)
+    assert_matches_golden(new, "cuda")
     if new == GOLDEN_IDS:
         assert engine.generate(GOLDEN_PROMPT, max_new_tokens=32, temperature=0) == GOLDEN_TEXT
