@@ -18,6 +18,14 @@ namespace lin {
 
 constexpr float kAbsmaxEps = 1e-5f;
 
+// Unsigned codes (bytes of a) times signed int8 q (bytes of b), summed into c: the ternary codes are t+1
+// in {0,1,2}, shifted by up to 6 bits, so they need the unsigned operand.
+__device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 __device__ __forceinline__ float load_x(const void* x, int bf16, size_t i) {
   if (bf16) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(x)[i]);
   return reinterpret_cast<const float*>(x)[i];

@@ -21,12 +21,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kStageGroups = 1024;  // unfused: selected groups staged in shared memory per batch
 
-__device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
-  int d;
-  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
 // Not volatile: the compiler may hoist these loads above independent arithmetic (more bytes in flight).
 __device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
   uint4 v;
@@ -57,7 +51,7 @@ __device__ __forceinline__ void accumulate4(int (&acc)[64], const uint4& r0, con
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int c = 16 * i + 4 * b + j;
-        acc[c] = dp4a_us(tr[b] & (0x03030303u << (2 * j)), q4, acc[c]);
+        acc[c] = lin::dp4a_us(tr[b] & (0x03030303u << (2 * j)), q4, acc[c]);
       }
     }
   }

@@ -28,12 +28,6 @@ namespace {
 
 constexpr int kColsPerCta = 512;  // 32 lanes x 4 bytes x 4 columns per byte
 
-__device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
-  int d;
-  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
 __device__ __forceinline__ unsigned ld_word(const uint8_t* p) {
   unsigned v;
   asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
@@ -94,7 +88,7 @@ __device__ __forceinline__ void accumulate4(int (&acc)[16], unsigned w0, unsigne
 #pragma unroll
   for (int b = 0; b < 4; ++b)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[4 * b + j] = dp4a_us(tr[b] & (0x03030303u << (2 * j)), q4, acc[4 * b + j]);
+    for (int j = 0; j < 4; ++j) acc[4 * b + j] = lin::dp4a_us(tr[b] & (0x03030303u << (2 * j)), q4, acc[4 * b + j]);
 }
 
 struct T1Args {
