@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,8 +30,14 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
     return parser, module
 
 
+def _short_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on a terminal read as one line, without the library's source location."""
+    return f"qsparse: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = _short_warning
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
     if module is None:

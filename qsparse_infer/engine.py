@@ -40,6 +40,7 @@ class Engine:
         self.tokenizer = (Tokenizer.from_engine_file(file)
                           if file.tokenizer_info.get("kind", "none") != "none" else None)
         self._model: torch.nn.Module | None = None
+        self.auto_cpu_fallback = False
         self.gpu = None
         if device == "cuda":
             from .gpu_model import GpuModel
@@ -60,9 +61,11 @@ class Engine:
                     f"the built-in model {BUILTIN_MODEL} is not installed; pass the path of an engine file "
                     f"(make one with `qsparse convert`)")
             path = BUILTIN_MODEL
-        device = _pick_device(device)
+        requested, device = device, _pick_device(device)
         ef = read_engine(path)
-        return cls(ef, device, _resolve_sparsity(sparsity, ef.sparsity), kv_cache)
+        engine = cls(ef, device, _resolve_sparsity(sparsity, ef.sparsity), kv_cache)
+        engine.auto_cpu_fallback = requested == "auto" and device == "cpu"  # already warned about
+        return engine
 
     @property
     def model(self) -> torch.nn.Module:

@@ -45,7 +45,7 @@ class _CpuBackend:
     _warned = False
 
     def __init__(self, engine: Any, max_new_tokens: int) -> None:
-        if not _CpuBackend._warned:
+        if not _CpuBackend._warned and not getattr(engine, "auto_cpu_fallback", False):
             warnings.warn("generating on the CPU with the reference model (slow); use a CUDA GPU for speed",
                           stacklevel=4)
             _CpuBackend._warned = True
