@@ -230,10 +230,12 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
 
 
 T1_MAX_D = 32768  # = _C.gemv_t1_max_d(): the one-token kernel keeps 32 values of x per thread, 1024 threads
-# Above 8192 the one-token kernel needs its 1024-thread form, which spills and waits on 32-warp barriers:
-# measured on an H100 at S = 0.6, 70b.down 190 us against 59 us for variant 1's split path (same run,
-# bench/results/gemv-sweep-h100.json) and 8b.down 119 us against 37 us. So by default it serves D <= 8192.
-T1_AUTO_MAX_D = 8192
+# Where the one-token kernel wins, measured on an H100 at S = 0.6 (bench/NOTES-kernels.md): 2b4t.down
+# (D = 6912) 19.8 us against 27.6 us for variant 1; 8b.attn (4096) 20.6 vs 21.0 us. From D = 8192 its
+# 32 values per thread and, above that, its 1024-thread form lose: 70b.gate_up 47.6 vs 43.6 us (same
+# run, bench/results/gemv-sweep-h100.json), 70b.attn 46.7 vs 29.2 us, 70b.down 190 vs 59 us. So by
+# default it serves D <= 7168 (BitNet-2B4T's 2560 and 6912, Llama-8B's 4096).
+T1_AUTO_MAX_D = 7168
 
 
 def plan_t1(w: PackedTernary, k: int, device: torch.device) -> int:
