@@ -336,7 +336,8 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     res_ptr = residual.data_ptr() if residual is not None else 0
     raw_ptr = _raw_acc.data_ptr() if _raw_acc is not None else 0
     rb = int(w.packed.shape[1])
-    if t == 1 and k >= 1 and _variant in (None, "t1") and (d <= T1_AUTO_MAX_D or (_variant == "t1" and d <= T1_MAX_D)):
+    use_t1 = d <= T1_AUTO_MAX_D if _variant is None else (_variant == "t1" and d <= T1_MAX_D)
+    if t == 1 and k >= 1 and use_t1:
         r = _shape[1] if (_variant == "t1" and _shape is not None) else plan_t1(w, k, dev)
         ext().ternary_gemv_t1(x.data_ptr(), xb, norm_ptr, float(norm_eps), d, k, w.packed.data_ptr(), rb,
                               w.colinfo.data_ptr(), w.scales.data_ptr(), int(w.scales.numel()), epi, res_ptr,
