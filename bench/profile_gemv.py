@@ -16,7 +16,7 @@ w = lk.PackedTernary((c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 
                      torch.ones(1, device="cuda"), segs, "concat")
 x = torch.randn(1, d, device="cuda", generator=g)
 nw = torch.rand(d, device="cuda", generator=g) + 0.5
-for s, variant, shape in ((0.0, "fused", (4, 1)), (0.6, "fused", (4, 1)), (0.6, "split", (4, 1))):
+for s, variant, shape in ((0.0, "t1", None), (0.6, "t1", None), (0.0, "fused", (4, 1)), (0.6, "fused", (4, 1))):
     k = topk_count(d, s)
     for _ in range(2):
         lk.ternary_linear(x, w, k, norm_weight=nw, _variant=variant, _shape=shape)

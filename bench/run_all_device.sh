@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels e2e
+# Options through the environment: PYTEST_ARGS (extra pytest arguments, e.g. a -k filter or test files for
+# `tests`), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
+# arguments, e.g. --no-peer), REPS. `e2e-nopdl` repeats e2e with programmatic dependent launch off.
 # Logs and results go to $OUT (the device tool brings them back).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -18,8 +21,8 @@ cd /tmp  # import the installed package (with _C), not the source tree
 for what in "$@"; do
   case $what in
     tests)
-      timeout 400 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" "$SRC/tests" \
-        -rfEs 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+      timeout 400 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" \
+        ${PYTEST_ARGS:-"$SRC/tests"} -rfEs 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
     sanitizer)
       timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \
         --rootdir "$SRC" -c "$SRC/pyproject.toml" "$SRC/tests/test_linear_kernels_gpu.py" \
@@ -35,10 +38,13 @@ for what in "$@"; do
         python3 "$SRC/bench/profile_gemv.py" > "$OUT/ncu.txt" 2>&1; echo "ncu exit $?"
       grep -E "gemv_kernel|select_kernel|Duration|Stall|Warp Cycles Per Issued|Achieved Occupancy|Registers Per|Memory Throughput" "$OUT/ncu.txt" | head -80 ;;
     kernels)
-      timeout 300 python3 "$SRC/bench/kernels.py" --quick --out "$OUT" 2>&1 | tee "$OUT/kernels-bench.log" | grep -v "^wrote" | cut -c1-160 ;;
-    e2e)
-      timeout 400 python3 -m qsparse_infer.cli bench --shape 2b4t --sparsity 0,0.4,0.6,0.8 --prompt-len 128 \
-        --new-tokens 256 --reps ${REPS:-3} --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | tail -30 ;;
+      timeout 300 python3 "$SRC/bench/kernels.py" --quick ${KERNELS_ONLY:+--only $KERNELS_ONLY} --out "$OUT" 2>&1 \
+        | tee "$OUT/kernels-bench.log" | grep -v "^wrote" | cut -c1-160 ;;
+    e2e|e2e-nopdl)
+      pdl=1; [ "$what" = e2e-nopdl ] && pdl=0
+      QSPARSE_PDL=$pdl timeout 400 python3 -m qsparse_infer.cli bench --shape ${E2E_SHAPE:-2b4t} \
+        --sparsity ${E2E_SPARSITY:-0,0.4,0.6,0.8} --prompt-len 128 --new-tokens 256 --reps ${REPS:-3} ${E2E_ARGS:-} \
+        --json "$OUT/$what-${E2E_SHAPE:-2b4t}.json" 2>&1 | tee "$OUT/$what-${E2E_SHAPE:-2b4t}.log" | tail -30 ;;
   esac
   echo "== $what done at $(( $(date +%s) - t0 )) s"
 done

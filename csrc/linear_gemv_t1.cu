@@ -14,12 +14,19 @@
 //    (word & 0x03030303 << 2j) = code * 4^j, dotted with the 4 int8 q by dp4a.u32.s32; shifting back
 //    and subtracting sum(q) gives sum(t * q) exactly.
 //  - Reduction: warps through shared memory; the R CTAs of a column block form a thread-block cluster
-//    (sm_90) and the first one sums the others' partials through distributed shared memory, then runs
-//    the shared epilogue. No workspace, no counters, nothing to reset: graph-friendly.
+//    (sm_90) and each pushes its column sums into the first CTA's accumulator with distributed-shared-
+//    memory atomics (fire-and-forget, order-free in int32: exact), then one cluster barrier and the first
+//    CTA runs the shared epilogue. No workspace, no counters, nothing to reset: graph-friendly.
+//  - Selection stops early once some candidate threshold has exactly K keys at or above it: the top-K is
+//    then every key >= that threshold, with no tie to resolve (the bisection would only refine a value
+//    no key lies at). For typical activations this happens ~10 bits into the key, not after all 31.
+//  - Programmatic dependent launch (pdl.cuh): weights, norm weights, column map and betas load before
+//    pdl::wait(); x and the residual after it.
 #include <cooperative_groups.h>
 
 #include "common.cuh"
 #include "linear_device.cuh"
+#include "pdl.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -113,10 +120,12 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
   uint16_t* sidx = reinterpret_cast<uint16_t*>(smem + NW * kColsPerCta * 4);  // [Kpad]
   int8_t* sq = reinterpret_cast<int8_t*>(sidx + Kpad);                    // [Kpad]
 
+  pdl::launch_dependents();
   // ---- 0. The epilogue's inputs do not depend on the selection: the leader CTA loads them first, so their
   // latency hides behind the selection instead of adding to the end of the chain.
   constexpr int CPT = (kColsPerCta + NT - 1) / NT;  // epilogue columns per thread
   __shared__ float s_scales[4];
+  __shared__ int cred[kColsPerCta];  // the cluster's column sums (used in its first CTA)
   const bool lead_cta = blockIdx.y == 0;
   int e_info[CPT];
   float e_res[CPT];
@@ -125,23 +134,38 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
     const int c = tid + u * NT, col = blockIdx.x * kColsPerCta + c;
     e_info[u] = -1;
     e_res[u] = 0.f;
-    if (lead_cta && c < kColsPerCta && col < a.RB * 4) {
-      e_info[u] = __ldg(a.ep.colinfo + col);
-      if (a.ep.epi == kEpiResidual && e_info[u] >= 0) e_res[u] = a.ep.residual[lin::epilogue_offset(a.ep, 0, e_info[u])];
-    }
+    if (lead_cta && c < kColsPerCta && col < a.RB * 4) e_info[u] = __ldg(a.ep.colinfo + col);
   }
   if (tid < a.nseg && tid < 4) s_scales[tid] = __ldg(a.ep.scales + tid);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (a.R > 1) {
+    for (int c = tid; c < kColsPerCta; c += NT) cred[c] = 0;
+    // Release this CTA's zeroed accumulator to the cluster; the matching wait comes just before the
+    // other CTAs add into it, long after every CTA has arrived here.
+    asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
+  }
+#endif
 
   // ---- 1. x (+ RMSNorm) into registers: value j of thread (warp, lane) is channel warp*32*KPT + 32j + lane.
   constexpr bool kPrefetchNorm = NT <= 256;  // the 1024-thread variant has no registers to spare
   float v[KPT], nw[kPrefetchNorm ? KPT : 1];
   const int base = warp * 32 * KPT + lane;
   const bool has_norm = a.sel.norm_w != nullptr;
+  if constexpr (kPrefetchNorm) {
+#pragma unroll
+    for (int j = 0; j < KPT; ++j) {
+      const int i = base + 32 * j;
+      nw[j] = (has_norm && i < D) ? __ldg(a.sel.norm_w + i) : 0.f;
+    }
+  }
+  pdl::wait();  // everything below may read what the previous kernel wrote
+#pragma unroll
+  for (int u = 0; u < CPT; ++u)
+    if (a.ep.epi == kEpiResidual && e_info[u] >= 0) e_res[u] = a.ep.residual[lin::epilogue_offset(a.ep, 0, e_info[u])];
 #pragma unroll
   for (int j = 0; j < KPT; ++j) {
     const int i = base + 32 * j;
     v[j] = i < D ? lin::load_x(a.sel.x, a.sel.x_bf16, i) : 0.f;
-    if constexpr (kPrefetchNorm) nw[j] = (has_norm && i < D) ? __ldg(a.sel.norm_w + i) : 0.f;
   }
   if (has_norm) {
     float ss = 0.f;
@@ -169,8 +193,10 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
   // key(j) = |v[j]| as fp32 bits (non-negative floats order like their bits); padding is 0 and never counted.
   auto key = [&](int j) { return __float_as_uint(fabsf(v[j])); };
   unsigned vk = 0u;
+  bool exact = false;  // count(key >= vk) == K: take every key >= vk, no ties
   if (K < D) {
     const int hb = 31 - __clz(__float_as_uint(gamma) | 1u);  // no key has a bit above gamma's top bit
+    const unsigned uK = static_cast<unsigned>(K);
     int parity = 0;
     for (int b = hb & ~1; b >= 0; b -= 2, parity ^= 1) {
       const unsigned c1 = vk | (1u << b), c2 = vk | (2u << b), c3 = vk | (3u << b);
@@ -181,13 +207,18 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
         pb += key(j) >= c3 ? 1u : 0u;
       }
       const uint2 s = block_sum2<NT>(pa, pb, cnt, parity);  // 16-bit fields: D <= 65535
-      if (s.y >= static_cast<unsigned>(K)) vk = c3;
-      else if ((s.x >> 16) >= static_cast<unsigned>(K)) vk = c2;
-      else if ((s.x & 0xffffu) >= static_cast<unsigned>(K)) vk = c1;
+      const unsigned n1 = s.x & 0xffffu, n2 = s.x >> 16, n3 = s.y;
+      unsigned n = 0u;  // count(key >= new vk), when vk moved
+      if (n3 >= uK) { vk = c3; n = n3; }
+      else if (n2 >= uK) { vk = c2; n = n2; }
+      else if (n1 >= uK) { vk = c1; n = n1; }
+      if (n == uK) { exact = true; break; }  // block-uniform: every thread holds the same sums
     }
   }
-  // Selected: key > vk, or key == vk among the first (K - count(key > vk)) such channels by index.
-  // With K == D every channel is in (vk = 0 and every key >= 0; the tie quota is then all of them).
+  // Selected: key >= lo, plus (when not exact) key == vk among the first (K - count(key > vk)) such
+  // channels by index. With K == D every channel is in (vk = 0: every key >= 0 is a tie, all taken).
+  const unsigned lo = exact ? vk : vk + 1u;          // vk <= 0x7fffffff: no overflow
+  const unsigned tie = exact ? 0xffffffffu : vk;      // no key (|x| bits < 2^31) equals 0xffffffff
 
   // ---- 3. Ballot compaction into shared memory, in index order.
   const unsigned lt = (1u << lane) - 1u;
@@ -195,8 +226,8 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
 #pragma unroll
   for (int j = 0; j < KPT; ++j) {
     const bool valid = base + 32 * j < D;
-    gt += __popc(__ballot_sync(0xffffffffu, valid && key(j) > vk));
-    eq += __popc(__ballot_sync(0xffffffffu, valid && key(j) == vk));
+    gt += __popc(__ballot_sync(0xffffffffu, valid && key(j) >= lo));
+    eq += __popc(__ballot_sync(0xffffffffu, valid && key(j) == tie));
   }
   if (lane == 0) { redi[0][warp] = gt; redi[1][warp] = eq; }
   __syncthreads();
@@ -212,7 +243,7 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
   for (int j = 0; j < KPT; ++j) {
     const int i = base + 32 * j;
     const bool valid = i < D;
-    const bool g = valid && key(j) > vk, e = valid && key(j) == vk;
+    const bool g = valid && key(j) >= lo, e = valid && key(j) == tie;
     const unsigned eb = __ballot_sync(0xffffffffu, e);
     const bool sel = g || (e && eq_before + __popc(eb & lt) < need);
     const unsigned sb = __ballot_sync(0xffffffffu, sel);
@@ -282,45 +313,51 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
     mine[c4] = make_int4(o[0], o[1], o[2], o[3]);
   }
   __syncthreads();
-  for (int c = tid; c < kColsPerCta; c += NT) {
-    int s = 0;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) s += red[w * kColsPerCta + c];
-    red[c] = s;  // column c is summed by this thread only: in place is safe
-  }
+  int* sums = red;  // where the leader reads the complete column sums
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cg::cluster_group cluster = cg::this_cluster();
-  if (a.R > 1) {
-    cluster.sync();  // every CTA's column sums are complete and visible cluster-wide
-    if (cluster.block_rank() == 0) {
-      for (int c = tid; c < kColsPerCta; c += NT) {
-        int s = red[c];
-        for (int r = 1; r < a.R; ++r) s += cluster.map_shared_rank(red, r)[c];
-        red[c] = s;
-      }
+  const bool clustered = a.R > 1;
+  if (clustered) {
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // every CTA's cred is zeroed
+    int* dst = cluster.map_shared_rank(cred, 0);
+    for (int c = tid; c < kColsPerCta; c += NT) {
+      int s = 0;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) s += red[w * kColsPerCta + c];
+      atomicAdd(dst + c, s);  // result unused: a fire-and-forget reduction into the leader's memory
     }
+    cluster.sync();  // all adds done and visible to the leader
+    sums = cred;
   }
-  const bool leader = a.R == 1 || cluster.block_rank() == 0;
+  const bool leader = !clustered || cluster.block_rank() == 0;
 #else
+  const bool clustered = false;
   const bool leader = true;  // launched with R == 1 below sm_90
 #endif
+  if (!clustered) {
+    for (int c = tid; c < kColsPerCta; c += NT) {
+      int s = 0;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) s += red[w * kColsPerCta + c];
+      red[c] = s;  // column c is summed by this thread only: in place is safe
+    }
+  }
   if (leader) {
     __syncthreads();
 #pragma unroll
     for (int u = 0; u < CPT; ++u) {
       const int c = tid + u * NT, col = blockIdx.x * kColsPerCta + c;
       if (c >= kColsPerCta || col >= a.RB * 4) continue;
-      const int acc_c = red[c];
-      const int acc16 = c + 16 < kColsPerCta ? red[c + 16] : 0;
+      const int acc_c = sums[c];
+      const int acc16 = c + 16 < kColsPerCta ? sums[c + 16] : 0;
       if (a.ep.raw) a.ep.raw[col] = acc_c;
       if (e_info[u] >= 0)
         lin::epilogue_apply(a.ep, lin::epilogue_offset(a.ep, 0, e_info[u]), col, e_info[u], acc_c, acc16, gamma,
                             s_scales, e_res[u]);
     }
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (a.R > 1) cluster.sync();  // keep this CTA's shared memory alive until the leader has read it
-#endif
+  // No second cluster barrier: nobody reads another CTA's shared memory after the one above, and the
+  // leader (whose cred the others wrote) is the one still running.
 }
 
 template <int NT, int KPT>
@@ -342,16 +379,17 @@ void launch_t1(const T1Args& a, int cc_major, cudaStream_t stream) {
   cfg.blockDim = dim3(NT, 1, 1);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  cfg.numAttrs = 0;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
   if (cc_major >= 9) {
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = 1;
     attr[0].val.clusterDim.y = a.R;
     attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    n = 1;
   }
+  cfg.numAttrs = pdl::add_attr(attr, n);
+  cfg.attrs = attr;
   QS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
   QS_LAUNCH_CHECK("gemv_t1_kernel");
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 
 
@@ -15,6 +16,8 @@ def ext() -> ModuleType:
             "qsparse_infer._C (the CUDA extension) is not built into this installation. Install the package "
             "with `pip install .` from the repository root; importing the source tree directly has no _C."
         ) from e
+    if os.environ.get("QSPARSE_PDL", "1") == "0":  # programmatic dependent launch off (to measure it)
+        _C.set_pdl(False)
     return _C
 
 

@@ -359,3 +359,79 @@ def test_repeat_and_graph_capture():
         torch.cuda.synchronize()
         q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
         assert torch.equal(out.cpu(), ref_outputs(quant.int_matmul(q, full), gamma, betas, [n]))
+
+
+@pytest.mark.parametrize("r", [1, 16])
+@pytest.mark.parametrize("d,k", [(2560, 1024), (2560, 1), (6912, 2764), (997, 996)])
+def test_gemv_t1_selection_early_exit(d, k, r):
+    """Inputs whose K largest magnitudes are far above the rest: the one-token kernel's bisection stops
+    after a few steps (exactly K keys above a coarse threshold). Also a K-th key that is an exact power of
+    two (a threshold candidate itself), where the early exit must still count it in. Exact vs quant.py."""
+    gen = torch.Generator().manual_seed(d + k + r)
+    w, full, betas = build([515], "concat", d, gen)
+    big = torch.randperm(d, generator=gen)[:k]
+    for case in ("separated", "power_of_two"):
+        x = torch.rand(1, d, generator=gen) * 0.01
+        if case == "separated":
+            x[0, big] = 100 + torch.rand(k, generator=gen)
+        else:
+            x[0, big] = 2.0 + torch.rand(k, generator=gen)
+            x[0, big[-1]] = 2.0  # the K-th largest is exactly 2.0 = 0x40000000
+        x = (x * torch.where(torch.rand(1, d, generator=gen) < 0.5, -1.0, 1.0)).to(DEV)
+        y, raw = run_linear(x, w, k, _variant="t1", _shape=(0, r))
+        q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
+        acc = quant.int_matmul(q, full)
+        assert torch.equal(logical_acc(raw, w), acc), case
+        assert torch.equal(y.cpu(), ref_outputs(acc, gamma, betas, [515])), case
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_gemv_t1_dependent_chain_in_graph(pdl):
+    """A chain o -> gate_up (GLU) -> down (+ residual), each reading what the previous one wrote, captured in
+    one CUDA graph with programmatic dependent launch on and off: every replay equals the eager chain. A
+    kernel that read its input before pdl::wait() would see the previous replay's values and fail this."""
+    from qsparse_infer._ext import ext
+
+    gen = torch.Generator().manual_seed(21)
+    h, m = 1283, 700
+    w_o, _, _ = build([h], "concat", h, gen)
+    w_gu, _, _ = build([m, m], "interleave", h, gen)
+    w_d, _, _ = build([h], "concat", m, gen)
+    ko, kgu, kd = k_of(h, 0.6), k_of(h, 0.6), k_of(m, 0.6)
+    x = torch.empty(1, h, device=DEV)
+    hid = torch.empty(1, h, device=DEV)
+    mlp = torch.empty(1, m, device=DEV)
+
+    def chain() -> None:
+        lk.ternary_linear(x, w_o, ko, residual=hid, out=hid, _variant="t1", _shape=(0, 4))
+        lk.ternary_linear(hid, w_gu, kgu, glu="relu2", out=mlp, _variant="t1", _shape=(0, 8))
+        lk.ternary_linear(mlp, w_d, kd, residual=hid, out=hid, _variant="t1", _shape=(0, 2))
+
+    before = ext().get_pdl()
+    ext().set_pdl(pdl)
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            x.copy_(make_x(1, h, "randn", gen))
+            hid.zero_()
+            chain()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            chain()
+        for i in range(4):
+            x.copy_(make_x(1, h, "randn", gen))
+            h0 = (torch.randn(1, h, generator=gen) * (i + 1)).to(DEV)
+            hid.copy_(h0)
+            g.replay()
+            got_h, got_m = hid.clone(), mlp.clone()
+            hid.copy_(h0)
+            ext().set_pdl(False)
+            chain()  # eager, no PDL: the reference order
+            ext().set_pdl(pdl)
+            torch.cuda.synchronize()
+            assert torch.equal(got_m, mlp), i
+            assert torch.equal(got_h, hid), i
+    finally:
+        ext().set_pdl(before)
