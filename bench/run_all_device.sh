@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels e2e
-# Options through the environment: PYTEST_ARGS (extra pytest arguments, e.g. a -k filter or test files for
-# `tests`), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
+# Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
+# PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
 # arguments, e.g. --no-peer), REPS. `e2e-nopdl` repeats e2e with programmatic dependent launch off.
 # Logs and results go to $OUT (the device tool brings them back).
 set -u -o pipefail
@@ -22,18 +22,19 @@ for what in "$@"; do
   case $what in
     tests)
       timeout 400 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" \
-        ${PYTEST_ARGS:-"$SRC/tests"} -rfEs 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+        $(for f in ${PYTEST_FILES:-.}; do echo "$SRC/tests/$f"; done) ${PYTEST_K:+-k "$PYTEST_K"} -rfEs 2>&1 \
+        | tee "$OUT/pytest.log" | tail -40 ;;
     sanitizer)
       timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \
         --rootdir "$SRC" -c "$SRC/pyproject.toml" "$SRC/tests/test_linear_kernels_gpu.py" \
-        -k "pack or (gemv_exact and 0.6) or (gemv_t1_exact and 0.6) or glu or residual or gemm_exact or norm_fused_linear" \
+        -k "pack or (gemv_exact and 0.6) or (gemv_t1_exact and 0.6) or glu or residual or gemm_exact or norm_fused_linear or early_exit or dependent_chain" \
         > "$OUT/sanitizer.log" 2>&1; echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -3 ;;
     sweep)
       timeout 200 python3 "$SRC/bench/gemv_sweep.py" --json "$OUT/gemv-sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^  skip" ;;
     diag)
       timeout 150 python3 "$SRC/bench/decoder_diag.py" --sparsity 0,0.6 2>&1 | tee "$OUT/diag.log" | tail -45 ;;
     ncu)
-      timeout 200 ncu -k regex:"gemv|select" --section SpeedOfLight --section WarpStateStats --section LaunchStats \
+      timeout 200 ncu --clock-control none -k regex:"gemv|select" --section SpeedOfLight --section WarpStateStats --section LaunchStats \
         --section Occupancy --section SourceCounters --section MemoryWorkloadAnalysis \
         python3 "$SRC/bench/profile_gemv.py" > "$OUT/ncu.txt" 2>&1; echo "ncu exit $?"
       grep -E "gemv_kernel|select_kernel|Duration|Stall|Warp Cycles Per Issued|Achieved Occupancy|Registers Per|Memory Throughput" "$OUT/ncu.txt" | head -80 ;;
