@@ -41,6 +41,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None)
+    ap.add_argument("--variants", default="t1p,t1,fused,split", help="comma-separated subset of t1p,t1,fused,split")
     args = ap.parse_args()
     copy = copy_bandwidth_gbps()
     floor = empty_kernel_us()
@@ -68,9 +69,11 @@ def main() -> int:
             nbytes = k * rb
             floor_us = nbytes / (copy * 1e9 / 2) * 1e6  # copy GB/s counts read + write
             best = None
-            for variant in ("t1", "fused", "split"):
-                for chunks in ((0,) if variant == "t1" else (1, 2, 4, 8)):
-                    for splits in ((1, 2, 4, 8, 16) if variant == "t1" else sorted({1, 2, 4, auto.splits})):
+            for variant in args.variants.split(","):
+                # for t1/t1p, `chunks` is the CTA size (0 = the default for D)
+                one_token = variant in ("t1", "t1p")
+                for chunks in (((0, 512) if d <= 7168 else (0,)) if one_token else (1, 2, 4, 8)):
+                    for splits in ((1, 2, 4, 8, 16) if one_token else sorted({1, 2, 4, auto.splits})):
                         try:
                             us = time_graph([lambda w=w: lk.ternary_linear(
                                 x, w, k, norm_weight=nw, glu=glu, out=out, _variant=variant,
@@ -80,7 +83,8 @@ def main() -> int:
                             continue
                         row = dict(shape=name, D=d, N=sum(segs), sparsity=s, k=k, variant=variant, chunks=chunks,
                                    splits=splits, us=round(us, 3), bytes=nbytes, bw_floor_us=round(floor_us, 3),
-                                   auto=(variant == "t1" and splits == lk.plan_t1(ws[0], k, x.device)))
+                                   auto=(one_token and chunks == 0 and splits == lk.plan_t1(ws[0], k, x.device)
+                                         and variant == ("t1p" if lk._t1_variant(d, splits) == 3 else "t1")))
                         rows.append(row)
                         if best is None or us < best["us"]:
                             best = row

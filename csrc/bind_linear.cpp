@@ -91,14 +91,23 @@ void register_linear(py::module_& m) {
         "Gather-GEMV over packed ternary rows for T <= 8 tokens (fused or from a prior quantize_topk).");
   m.def("ternary_gemv_t1",
         [](uptr x, int x_bf16, uptr norm_w, float eps, int D, int K, uptr packed, int RB, uptr colinfo, uptr scales,
-           int nseg, int epi, uptr residual, uptr out, int out_ld, uptr raw, int R, uptr stream) {
+           int nseg, int epi, uptr residual, uptr out, int out_ld, uptr raw, int R, uptr stream, int threads,
+           int variant) {
           require_gpu();
           SelectArgs s = make_select(x, x_bf16, norm_w, eps, 1, D, K);
           launch_gemv_t1(s, as_ptr<const uint8_t>(packed), RB,
                          make_epilogue(colinfo, scales, epi, residual, out, out_ld, raw), nseg, R,
-                         as_stream(stream));
+                         as_stream(stream), threads, variant);
         },
-        "One-token gather-GEMV with the selection fused (variant 2); R CTAs per 512 columns (a cluster).");
+        py::arg("x"), py::arg("x_bf16"), py::arg("norm_w"), py::arg("eps"), py::arg("D"), py::arg("K"),
+        py::arg("packed"), py::arg("RB"), py::arg("colinfo"), py::arg("scales"), py::arg("nseg"), py::arg("epi"),
+        py::arg("residual"), py::arg("out"), py::arg("out_ld"), py::arg("raw"), py::arg("R"), py::arg("stream"),
+        py::arg("threads") = 0, py::arg("variant") = 2,
+        "One-token gather-GEMV with the selection fused; R CTAs per 512 columns (a cluster); threads: CTA size "
+        "(0 = chosen from D; 128, 256 or 512 for the kernel lab); variant 2 (rows loaded after the selection) "
+        "or 3 (rows prefetched into shared memory during it).");
+  m.def("gemv_t1p_smem_bytes", &gemv_t1p_smem_bytes, "Shared memory of the one-token GEMV variant 3.");
+  m.def("gemv_t1p_max_smem_bytes", &gemv_t1p_max_smem_bytes, "Most shared memory variant 3 may use.");
   m.def("gemv_t1_max_d", &gemv_t1_max_d, "Largest input dimension of the one-token GEMV.");
   m.def("gemv_fused_smem_bytes", &gemv_fused_smem_bytes, "Dynamic shared memory of the fused GEMV.");
   m.def("ternary_gemm",

@@ -65,8 +65,13 @@ struct GemvArgs {
 void launch_gemv(const GemvArgs& a, cudaStream_t stream);
 // One-token gather-GEMV (variant 2, linear_gemv_t1.cu): selection fused, R CTAs per 512-column block
 // reduced through a thread-block cluster (R = 1 below sm_90). 1 <= K <= D <= gemv_t1_max_d().
+// threads: CTA size, 0 = the default for D (kernel lab: 128, 256 or 512 where D fits).
+// variant 2 (linear_gemv_t1.cu) or 3 (linear_gemv_t1p.cu: weight rows prefetched into shared memory; needs
+// gemv_t1p_smem_bytes(D, R, threads) <= gemv_t1p_max_smem_bytes() and D <= 8192).
 void launch_gemv_t1(const SelectArgs& sel, const uint8_t* packed, int RB, const EpilogueArgs& ep, int nseg, int R,
-                    cudaStream_t stream);
+                    cudaStream_t stream, int threads = 0, int variant = 2);
+size_t gemv_t1p_smem_bytes(int D, int R, int threads);
+size_t gemv_t1p_max_smem_bytes();
 int gemv_t1_max_d();
 // Dynamic shared memory the fused GEMV needs (0 when it cannot run fused at this D, K).
 size_t gemv_fused_smem_bytes(int D, int K, int chunks_per_tile);

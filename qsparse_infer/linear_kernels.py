@@ -238,6 +238,17 @@ T1_MAX_D = 32768  # = _C.gemv_t1_max_d(): the one-token kernel keeps 32 values o
 T1_AUTO_MAX_D = 7168
 
 
+_t1_variants: dict[tuple[int, int], int] = {}
+
+
+def _t1_variant(d: int, r: int) -> int:
+    """3 where the prefetching one-token kernel's shared-memory tile fits at (D, R), else 2."""
+    if (d, r) not in _t1_variants:
+        fits = ext().gemv_t1p_smem_bytes(d, r, 0) <= ext().gemv_t1p_max_smem_bytes()
+        _t1_variants[(d, r)] = 3 if fits else 2
+    return _t1_variants[(d, r)]
+
+
 def plan_t1(w: PackedTernary, k: int, device: torch.device) -> int:
     """CTAs per 512-column block (a thread-block cluster, <= 16) for the one-token GEMV: about one wave of
     1-2 CTAs per SM, and at least one group of 4 selected rows per warp."""
@@ -290,10 +301,11 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     """BitLinear over a packed ternary group: [RMSNorm] -> absmax int8 -> top-k -> int32 product -> epilogue.
 
     T <= 8 tokens run the gather-GEMV (only the k selected rows are read); more run the tensor-core
-    GEMM on masked int8 activations. One token goes to the one-token kernel (variant 2, "t1") unless
-    `_variant` ("fused" / "split", variant 1) says otherwise. `_raw_acc` (int32 [T, Npad], tests) receives
-    the exact int32 accumulators per packed column; `_shape` overrides the launch shape (benchmarks):
-    (chunks per tile, K-splits) for variant 1, (ignored, CTAs per column block) for "t1".
+    GEMM on masked int8 activations. One token goes to a one-token kernel: variant 3 ("t1p", weight rows
+    prefetched into shared memory during the selection) where its tile fits, else variant 2 ("t1"), unless
+    `_variant` ("t1", "t1p", or "fused" / "split" = variant 1) says otherwise. `_raw_acc` (int32 [T, Npad],
+    tests) receives the exact int32 accumulators per packed column; `_shape` overrides the launch shape
+    (benchmarks): (chunks per tile, K-splits) for variant 1, (CTA size or 0, CTAs per column block) for t1/t1p.
     """
     if not isinstance(w, PackedTernary):
         raise TypeError(f"w must be a PackedTernary, got {type(w).__name__}")
@@ -336,15 +348,21 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     res_ptr = residual.data_ptr() if residual is not None else 0
     raw_ptr = _raw_acc.data_ptr() if _raw_acc is not None else 0
     rb = int(w.packed.shape[1])
-    use_t1 = d <= T1_AUTO_MAX_D if _variant is None else (_variant == "t1" and d <= T1_MAX_D)
+    one_token = _variant in ("t1", "t1p")
+    use_t1 = d <= T1_AUTO_MAX_D if _variant is None else (one_token and d <= T1_MAX_D)
     if t == 1 and k >= 1 and use_t1:
-        r = _shape[1] if (_variant == "t1" and _shape is not None) else plan_t1(w, k, dev)
+        r = _shape[1] if (one_token and _shape is not None) else plan_t1(w, k, dev)
+        threads = _shape[0] if (one_token and _shape is not None) else 0
+        if _variant is None:  # variant 3 wherever its shared-memory tile fits (D <= 7168 here)
+            variant = _t1_variant(d, r)
+        else:
+            variant = 3 if _variant == "t1p" else 2
         ext().ternary_gemv_t1(x.data_ptr(), xb, norm_ptr, float(norm_eps), d, k, w.packed.data_ptr(), rb,
                               w.colinfo.data_ptr(), w.scales.data_ptr(), int(w.scales.numel()), epi, res_ptr,
-                              out.data_ptr(), n_out, raw_ptr, r, stream)
+                              out.data_ptr(), n_out, raw_ptr, r, stream, threads, variant)
     elif t <= MAX_GEMV_TOKENS:
-        if _variant == "t1":
-            raise ValueError("the t1 GEMV variant takes exactly one token and 1 <= k")
+        if one_token:
+            raise ValueError("the one-token GEMV variants (t1, t1p) take exactly one token and 1 <= k")
         plan = plan_gemv(w, k, dev, _variant, _shape)
         ws = _buffer(dev, "ws", MAX_GEMV_TOKENS * w.npad, torch.int32)
         ctr = _buffer(dev, "counters", MAX_GEMV_TOKENS * plan.ntiles, torch.int32)

@@ -201,14 +201,18 @@ def test_gemv_exact(s, t, variant):
 @pytest.mark.parametrize("d,sizes,r", [(997, [333, 77, 77], None), (997, [333, 77, 77], 1), (97, [45], 2),
                                        (2560, [2560, 640, 640], 16), (6912, [1031], None), (9001, [515], None),
                                        (9001, [515], 4)])
-def test_gemv_t1_exact(s, kind, d, sizes, r):
-    """The one-token kernel (variant 2): exact int32 sums and outputs for 1 <= k <= D, odd sizes, both
-    register layouts (256 threads up to D = 8192, 1024 above), and any cluster size R."""
+@pytest.mark.parametrize("variant", ["t1", "t1p"])
+def test_gemv_t1_exact(s, kind, d, sizes, r, variant):
+    """The one-token kernels (variant 2, and variant 3 with its rows prefetched into shared memory): exact
+    int32 sums and outputs for 1 <= k <= D, odd sizes, both register layouts (256 threads up to D = 8192,
+    1024 above: variant 2 only), and any cluster size R."""
+    if variant == "t1p" and d > 8192:
+        pytest.skip("variant 3 serves D <= 8192")
     gen = torch.Generator().manual_seed(int(s * 1000) + d + len(kind))
     w, full, betas = build(sizes, "concat", d, gen)
     x = make_x(1, d, kind, gen, torch.bfloat16 if d == 6912 else torch.float32)
     k = max(1, k_of(d, s))
-    y, raw = run_linear(x, w, k, _variant="t1", _shape=None if r is None else (0, r))
+    y, raw = run_linear(x, w, k, _variant=variant, _shape=None if r is None else (0, r))
     q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
     acc = quant.int_matmul(q, full)
     assert torch.equal(logical_acc(raw, w), acc)
@@ -218,13 +222,14 @@ def test_gemv_t1_exact(s, kind, d, sizes, r):
 
 @pytest.mark.parametrize("glu", ["relu2", "silu"])
 @pytest.mark.parametrize("r", [1, 8])
-def test_gemv_t1_glu_residual(glu, r):
+@pytest.mark.parametrize("variant", ["t1", "t1p"])
+def test_gemv_t1_glu_residual(glu, r, variant):
     gen = torch.Generator().manual_seed(5 + r)
     d, m = 1283, 700
     w, full, betas = build([m, m], "interleave", d, gen)
     x = make_x(1, d, "randn", gen)
     k = k_of(d, 0.6)
-    y, raw = run_linear(x, w, k, glu=glu, _variant="t1", _shape=(0, r))
+    y, raw = run_linear(x, w, k, glu=glu, _variant=variant, _shape=(0, r))
     q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
     acc = quant.int_matmul(q, full)
     assert torch.equal(logical_acc(raw, w), acc)
@@ -235,7 +240,7 @@ def test_gemv_t1_glu_residual(glu, r):
     w2, full2, betas2 = build([m], "concat", d, gen)
     res = torch.randn(1, m, generator=gen).to(DEV)
     res_ref = res.cpu().clone()
-    lk.ternary_linear(x, w2, k, residual=res, out=res, _variant="t1", _shape=(0, r))
+    lk.ternary_linear(x, w2, k, residual=res, out=res, _variant=variant, _shape=(0, r))
     ref2 = res_ref + ref_outputs(quant.int_matmul(q, full2), gamma, betas2, [m])
     assert torch.equal(res.cpu(), ref2)
 
@@ -309,7 +314,7 @@ def test_gemm_exact(t, s):
     assert torch.equal(y.cpu(), ref_outputs(acc, gamma, betas, sizes))
 
 
-@pytest.mark.parametrize("t,variant", [(1, "fused"), (1, "t1"), (3, "split"), (20, None)])
+@pytest.mark.parametrize("t,variant", [(1, "fused"), (1, "t1"), (1, "t1p"), (3, "split"), (20, None)])
 def test_norm_fused_linear(t, variant):
     """acc is exact w.r.t. the kernel's own selection (quantize_topk normalizes identically); the
     selection itself matches the CPU reference up to near-ties; y is close to the reference."""
@@ -363,7 +368,8 @@ def test_repeat_and_graph_capture():
 
 @pytest.mark.parametrize("r", [1, 16])
 @pytest.mark.parametrize("d,k", [(2560, 1024), (2560, 1), (6912, 2764), (997, 996)])
-def test_gemv_t1_selection_early_exit(d, k, r):
+@pytest.mark.parametrize("variant", ["t1", "t1p"])
+def test_gemv_t1_selection_early_exit(d, k, r, variant):
     """Inputs whose K largest magnitudes are far above the rest: the one-token kernel's bisection stops
     after a few steps (exactly K keys above a coarse threshold). Also a K-th key that is an exact power of
     two (a threshold candidate itself), where the early exit must still count it in. Exact vs quant.py."""
@@ -378,7 +384,9 @@ def test_gemv_t1_selection_early_exit(d, k, r):
             x[0, big] = 2.0 + torch.rand(k, generator=gen)
             x[0, big[-1]] = 2.0  # the K-th largest is exactly 2.0 = 0x40000000
         x = (x * torch.where(torch.rand(1, d, generator=gen) < 0.5, -1.0, 1.0)).to(DEV)
-        y, raw = run_linear(x, w, k, _variant="t1", _shape=(0, r))
+        if variant == "t1p" and r == 1 and d > 1400:
+            continue  # one CTA per column block would need the whole D x 128 B tile: variant 2 only
+        y, raw = run_linear(x, w, k, _variant=variant, _shape=(0, r))
         q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
         acc = quant.int_matmul(q, full)
         assert torch.equal(logical_acc(raw, w), acc), case
@@ -386,7 +394,9 @@ def test_gemv_t1_selection_early_exit(d, k, r):
 
 
 @pytest.mark.parametrize("pdl", [True, False])
-def test_gemv_t1_dependent_chain_in_graph(pdl):
+@pytest.mark.parametrize("variant", ["t1", "t1p"])
+@pytest.mark.parametrize("s", [0.0, 0.6])
+def test_gemv_t1_dependent_chain_in_graph(pdl, variant, s):
     """A chain o -> gate_up (GLU) -> down (+ residual), each reading what the previous one wrote, captured in
     one CUDA graph with programmatic dependent launch on and off: every replay equals the eager chain. A
     kernel that read its input before pdl::wait() would see the previous replay's values and fail this."""
@@ -397,15 +407,15 @@ def test_gemv_t1_dependent_chain_in_graph(pdl):
     w_o, _, _ = build([h], "concat", h, gen)
     w_gu, _, _ = build([m, m], "interleave", h, gen)
     w_d, _, _ = build([h], "concat", m, gen)
-    ko, kgu, kd = k_of(h, 0.6), k_of(h, 0.6), k_of(m, 0.6)
+    ko, kgu, kd = k_of(h, s), k_of(h, s), k_of(m, s)
     x = torch.empty(1, h, device=DEV)
     hid = torch.empty(1, h, device=DEV)
     mlp = torch.empty(1, m, device=DEV)
 
     def chain() -> None:
-        lk.ternary_linear(x, w_o, ko, residual=hid, out=hid, _variant="t1", _shape=(0, 4))
-        lk.ternary_linear(hid, w_gu, kgu, glu="relu2", out=mlp, _variant="t1", _shape=(0, 8))
-        lk.ternary_linear(mlp, w_d, kd, residual=hid, out=hid, _variant="t1", _shape=(0, 2))
+        lk.ternary_linear(x, w_o, ko, residual=hid, out=hid, _variant=variant, _shape=(0, 4))
+        lk.ternary_linear(hid, w_gu, kgu, glu="relu2", out=mlp, _variant=variant, _shape=(0, 8))
+        lk.ternary_linear(mlp, w_d, kd, residual=hid, out=hid, _variant=variant, _shape=(0, 2))
 
     before = ext().get_pdl()
     ext().set_pdl(pdl)
@@ -435,3 +445,30 @@ def test_gemv_t1_dependent_chain_in_graph(pdl):
             assert torch.equal(got_h, hid), i
     finally:
         ext().set_pdl(before)
+
+
+@pytest.mark.parametrize("d,sizes,s", [(2560, [2560, 640, 640], 0.6), (6912, [2560], 0.6), (997, [333], 0.0),
+                                       (1283, [700], 0.9)])
+def test_fused_norm_identical_across_paths(d, sizes, s):
+    """With the RMSNorm fused, the one-token kernels (t1, t1p), variant 1 (fused and split: the select kernel)
+    and the GEMM path's select kernel form the sum of squares in one order, so one row gives bit-identical
+    accumulators and outputs whichever path serves it: a batched decoder may mix paths per step and still
+    match single-sequence decoding exactly."""
+    gen = torch.Generator().manual_seed(d + len(sizes))
+    w, _, _ = build(sizes, "concat", d, gen)
+    x = make_x(1, d, "randn", gen)
+    nw = (torch.rand(d, generator=gen) + 0.5).to(DEV)
+    k = k_of(d, s)
+    outs = {}
+    for variant in ("t1", "t1p", "fused", "split"):
+        try:
+            outs[variant] = run_linear(x, w, k, norm_weight=nw, _variant=variant)
+        except ValueError:  # variant 1 fused needs D's row in shared memory: not at every D
+            assert variant == "fused"
+    # the GEMM path for a batch whose row 0 is this token
+    xb = torch.cat([x, make_x(11, d, "randn", gen)])
+    outs["gemm"] = run_linear(xb, w, k, norm_weight=nw)
+    y0, raw0 = outs["t1"]
+    for name, (y, raw) in outs.items():
+        assert torch.equal(raw[:1], raw0), name
+        assert torch.equal(y[:1], y0), name
