@@ -3,7 +3,7 @@
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels e2e
 # Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
-# arguments, e.g. --no-peer), REPS. `e2e-nopdl` repeats e2e with programmatic dependent launch off.
+# arguments, e.g. --no-peer), REPS, SWEEP_ARGS (e.g. --only 2b4t --variants t1p,t1). `e2e-nopdl` repeats e2e with programmatic dependent launch off.
 # Logs and results go to $OUT (the device tool brings them back).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -30,7 +30,7 @@ for what in "$@"; do
         -k "pack or (gemv_exact and 0.6) or (gemv_t1_exact and 0.6) or glu or residual or gemm_exact or norm_fused_linear or early_exit or dependent_chain" \
         > "$OUT/sanitizer.log" 2>&1; echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -3 ;;
     sweep)
-      timeout 200 python3 "$SRC/bench/gemv_sweep.py" --json "$OUT/gemv-sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^  skip" ;;
+      timeout 200 python3 "$SRC/bench/gemv_sweep.py" ${SWEEP_ARGS:-} --json "$OUT/gemv-sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^  skip" ;;
     diag)
       timeout 150 python3 "$SRC/bench/decoder_diag.py" --sparsity 0,0.6 2>&1 | tee "$OUT/diag.log" | tail -45 ;;
     ncu)
