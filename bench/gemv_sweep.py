@@ -83,8 +83,10 @@ def main() -> int:
                             continue
                         row = dict(shape=name, D=d, N=sum(segs), sparsity=s, k=k, variant=variant, chunks=chunks,
                                    splits=splits, us=round(us, 3), bytes=nbytes, bw_floor_us=round(floor_us, 3),
-                                   auto=(one_token and chunks == 0 and splits == lk.plan_t1(ws[0], k, x.device)
-                                         and variant == ("t1p" if lk._t1_variant(d, splits) == 3 else "t1")))
+                                   auto=(one_token and chunks == (0 if lk.t1_threads(d) == 256 else lk.t1_threads(d))
+                                         and splits == lk.plan_t1(ws[0], k, x.device)
+                                         and variant == ("t1p" if k >= d and lk._t1_variant(d, splits, lk.t1_threads(d)) == 3
+                                                         else "t1")))
                         rows.append(row)
                         if best is None or us < best["us"]:
                             best = row

@@ -238,30 +238,37 @@ T1_MAX_D = 32768  # = _C.gemv_t1_max_d(): the one-token kernel keeps 32 values o
 T1_AUTO_MAX_D = 7168
 
 
-_t1_variants: dict[tuple[int, int], int] = {}
+_t1_variants: dict[tuple[int, int, int], int] = {}
 
 
-def _t1_variant(d: int, r: int) -> int:
+def _t1_variant(d: int, r: int, threads: int = 256) -> int:
     """3 where the prefetching one-token kernel's shared-memory tile fits at (D, R), else 2."""
-    if (d, r) not in _t1_variants:
-        fits = ext().gemv_t1p_smem_bytes(d, r, 0) <= ext().gemv_t1p_max_smem_bytes()
-        _t1_variants[(d, r)] = 3 if fits else 2
-    return _t1_variants[(d, r)]
+    if (d, r, threads) not in _t1_variants:
+        fits = ext().gemv_t1p_smem_bytes(d, r, threads) <= ext().gemv_t1p_max_smem_bytes()
+        _t1_variants[(d, r, threads)] = 3 if fits else 2
+    return _t1_variants[(d, r, threads)]
 
 
 def plan_t1(w: PackedTernary, k: int, device: torch.device) -> int:
-    """CTAs per 512-column block (a thread-block cluster, <= 16) for the one-token GEMV: about one wave of
-    1-2 CTAs per SM, and at least one group of 4 selected rows per warp."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sm_count:
-        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    """CTAs per 512-column block (a thread-block cluster, <= 16) for the one-token GEMV.
+
+    Measured on an H200 (bench/results/gemv-sweep-h200.json, every R and CTA size at the four 2B4T
+    projections): the best R gives about 64 CTAs in all when the projection is dense and about 32 when it is
+    sparse. A dense CTA streams its rows from a tile prefetched before the selection (variant 3), so more CTAs
+    bring more bandwidth; a sparse CTA's rows are few, and more CTAs only lengthen the cluster reduction.
+    """
     blocks = -(-w.npad // 512)
-    warps = 8 if w.in_features <= 8192 else 32
-    groups = -(-k // 4)
+    target = 64 if k >= w.in_features else 32
     r = 1
-    while r < 16 and blocks * r * 2 <= 2 * _sm_count[idx] and groups // (r * 2) >= warps:
+    while r < 16 and blocks * r < target:
         r *= 2
     return r
+
+
+def t1_threads(d: int) -> int:
+    """CTA size of the one-token GEMV: 512 threads above D = 4096 (BitNet-2B4T's down projection, D = 6912,
+    ran 9.3 vs 10.8 us dense and 14.7 vs 18.3 us at S = 0.6 with 512 rather than 256 on an H200), else 256."""
+    return 512 if 4096 < d <= 7168 else 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +359,11 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     use_t1 = d <= T1_AUTO_MAX_D if _variant is None else (one_token and d <= T1_MAX_D)
     if t == 1 and k >= 1 and use_t1:
         r = _shape[1] if (one_token and _shape is not None) else plan_t1(w, k, dev)
-        threads = _shape[0] if (one_token and _shape is not None) else 0
-        if _variant is None:  # variant 3 wherever its shared-memory tile fits (D <= 7168 here)
-            variant = _t1_variant(d, r)
+        threads = _shape[0] if (one_token and _shape is not None) else t1_threads(d)
+        if _variant is None:
+            # variant 3 (prefetched rows) for dense projections where its tile fits; sparse ones run
+            # variant 2, since its speculative prefetch measured slower (bench/NOTES-latency.md)
+            variant = _t1_variant(d, r, threads) if k >= d else 2
         else:
             variant = 3 if _variant == "t1p" else 2
         ext().ternary_gemv_t1(x.data_ptr(), xb, norm_ptr, float(norm_eps), d, k, w.packed.data_ptr(), rb,
