@@ -86,7 +86,6 @@ def main() -> None:
     cfg = CFG_2B4T
     gen = torch.Generator().manual_seed(0)
     weights = {g: make_group(cfg, g, gen) for g in GROUPS}
-    dev = torch.device("cuda")
     results: list[dict] = []
     print(f"device: {torch.cuda.get_device_name()}; 2B4T shapes; us per call (median of {args.reps} graph replays "
           f"of {args.calls} calls)")

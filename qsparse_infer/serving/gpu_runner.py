@@ -71,7 +71,7 @@ class GpuBatchRunner:
     """Up to max_slots sequences decoded together on one GPU (see the module docstring)."""
 
     def __init__(self, engine: Any, sparsity: SparsityConfig | None = None, max_slots: int | None = None,
-                 max_len: int | None = None, kv_dtype: torch.dtype = torch.bfloat16,
+                 max_len: int | None = None, kv_dtype: torch.dtype | None = None,
                  device: str | torch.device = "cuda", *, use_graph: bool = True,
                  policy: LinearPolicy | None = None) -> None:
         from ..linear_kernels import ternary_linear
@@ -88,6 +88,8 @@ class GpuBatchRunner:
         self.max_len = int(max_len or cfg.max_seq_len)
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if kv_dtype is None:  # the engine's choice (Engine.load(kv_cache=...)), else bf16
+            kv_dtype = getattr(getattr(engine, "gpu", None), "kv_dtype", torch.bfloat16)
         if kv_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"kv_dtype must be torch.bfloat16 or torch.float32, got {kv_dtype}")
         if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1):
@@ -174,7 +176,7 @@ class GpuBatchRunner:
         self.sin_t = sin[:, :half].contiguous().to(dev)
         # per-slot sequence state (row r = slot r; row max_slots = scratch), read and written by the graphs
         self.seen = torch.zeros(s1, cfg.vocab_size, dtype=torch.uint8, device=dev)
-        self.fparams = torch.zeros(s1, 3, dtype=f32, device=dev)
+        self.fparams = torch.tensor([[0.0, 1.0, 1.0]] * s1, dtype=f32, device=dev)  # greedy, no filters
         self.iparams = torch.zeros(s1, dtype=i32, device=dev)
         self.rng = torch.zeros(s1, 2, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(s1, dtype=i32, device=dev)
