@@ -28,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qsparse_infer.config import ModelConfig, topk_count  # noqa: E402
 from qsparse_infer.gpu_weights import group_geometry  # noqa: E402
 from qsparse_infer.linear_kernels import PackedTernary, pack_ternary_gpu, ternary_linear  # noqa: E402
+from qsparse_infer.random_model import SHAPES  # noqa: E402
 
-CFG_2B4T = ModelConfig(vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_layers=30, num_heads=20,
-                       num_kv_heads=5, head_dim=128, max_seq_len=4096, rope_theta=500000.0, activation="relu2",
-                       attn_sub_norm=True, ffn_sub_norm=True, tie_word_embeddings=True)
+CFG_2B4T = SHAPES["2b4t"]
 GROUPS = ("qkv", "o", "gate_up", "down")
 PATHS = ("t1", "gemv", "gemm")
 

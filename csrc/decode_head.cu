@@ -134,7 +134,8 @@ void launch_rows(const float* x, const float* norm_w, float eps, const void* Wt,
   }
   const int rows_per_block = (kHeadThreads / 32) * RPW;
   int grid = (V + rows_per_block - 1) / rows_per_block;
-  const int cap = sm_count() * (MAXT == 1 ? 8 : 2);  // persistent: each block normalizes x once
+  // persistent: each block normalizes x once; multi-row blocks hold nt rows of x, so as many as fit per SM
+  const int cap = sm_count() * (MAXT == 1 ? 8 : (smem > 100 * 1024 ? 1 : 2));
   if (grid > cap) grid = cap;
   kern<<<grid, kHeadThreads, smem, stream>>>(x, norm_w, eps, (const W*)Wt, V, H, nt, logits);
   QS_LAUNCH_CHECK("lm_head_kernel");

@@ -70,9 +70,9 @@ class TorchPeer:
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * c + rot * s
 
-    def forward(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """idx int64 [B, T] (or [T] when batch == 1), pos int64 [T] (shared by the batch) -> logits [B, T, V]
-        (or [T, V]); bf16 matmuls, fp32 norms."""
+        (or [T, V]); bf16 matmuls, fp32 norms. last_only: logits of the last position only (T' = 1)."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         single = idx.dim() == 1
         if single:
@@ -100,6 +100,8 @@ class TorchPeer:
             if L["ffn_sub"] is not None:
                 a = _rms(a, L["ffn_sub"], eps)
             x = x + F.linear(a, L["w2"])
+        if last_only:
+            x = x[:, -1:]
         logits = F.linear(_rms(x, self.norm, eps), self.head).float()
         return logits[0] if single else logits
 
@@ -111,7 +113,8 @@ class TorchPeer:
     def prefill(self, ids: torch.Tensor) -> int | list[int]:
         """ids [T] (-> first token) or [B, T] (-> first token per sequence)."""
         pos = torch.arange(ids.shape[-1], device=self.device)
-        first = torch.argmax(self.forward(ids.to(self.device), pos)[..., -1, :], dim=-1)
+        # a batch computes the head for the last position only ([B, T, V] fp32 logits would dominate memory)
+        first = torch.argmax(self.forward(ids.to(self.device), pos, last_only=ids.dim() == 2)[..., -1, :], dim=-1)
         return int(first) if ids.dim() == 1 else first.tolist()
 
     @torch.no_grad()

@@ -94,6 +94,8 @@ class GpuBatchRunner:
             raise ValueError(f"kv_dtype must be torch.bfloat16 or torch.float32, got {kv_dtype}")
         if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1):
             raise ValueError(f"max_slots must be a positive integer or None (as many as fit), got {max_slots!r}")
+        if cfg.head_dim > 128 or cfg.num_heads // cfg.num_kv_heads > 8:
+            raise ValueError("the GPU attention kernels support head_dim <= 128 and <= 8 query heads per kv head")
         self.kv_dtype = kv_dtype
         self.device = torch.device(device)
         if self.device.index is None:
