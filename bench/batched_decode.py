@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qsparse_infer.config import SparsityConfig  # noqa: E402
-from qsparse_infer.random_model import SHAPES, random_engine  # noqa: E402
-from qsparse_infer.sampling import SamplingSettings  # noqa: E402
-from qsparse_infer.serving.gpu_runner import GpuBatchRunner, LinearPolicy  # noqa: E402
+from qsparse_infer.config import SparsityConfig
+from qsparse_infer.random_model import SHAPES, random_engine
+from qsparse_infer.sampling import SamplingSettings
+from qsparse_infer.serving.gpu_runner import GpuBatchRunner, LinearPolicy
 
 
 def bench_runner(runner: GpuBatchRunner, b: int, prompt: int, steps: int) -> dict:

@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qsparse_infer.config import ModelConfig, topk_count  # noqa: E402
-from qsparse_infer.gpu_weights import group_geometry  # noqa: E402
-from qsparse_infer.linear_kernels import PackedTernary, pack_ternary_gpu, ternary_linear  # noqa: E402
-from qsparse_infer.random_model import SHAPES  # noqa: E402
+from qsparse_infer.config import ModelConfig, topk_count
+from qsparse_infer.gpu_weights import group_geometry
+from qsparse_infer.linear_kernels import PackedTernary, pack_ternary_gpu, ternary_linear
+from qsparse_infer.random_model import SHAPES
 
 CFG_2B4T = SHAPES["2b4t"]
 GROUPS = ("qkv", "o", "gate_up", "down")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels e2e
+#   (serving work: serving batched_linear batched_decode)
 # Logs and results go to $OUT (the device tool brings them back).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -36,6 +37,16 @@ for what in "$@"; do
       grep -E "gemv_kernel|select_kernel|Duration|Stall|Warp Cycles Per Issued|Achieved Occupancy|Registers Per|Memory Throughput" "$OUT/ncu.txt" | head -80 ;;
     kernels)
       timeout 300 python3 "$SRC/bench/kernels.py" --quick --out "$OUT" 2>&1 | tee "$OUT/kernels-bench.log" | grep -v "^wrote" | cut -c1-160 ;;
+    serving)  # the batched decoder and its kernels, plus the single-sequence decoder they must not have changed
+      timeout 400 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" -rfEs \
+        "$SRC/tests/test_serving_gpu.py" "$SRC/tests/test_decode_kernels_gpu.py" "$SRC/tests/test_gpu_model_gpu.py" \
+        2>&1 | tee "$OUT/serving-tests.log" | tail -30 ;;
+    batched_linear)
+      timeout 300 python3 "$SRC/bench/batched_linear.py" --json "$OUT/batched-linear.json" 2>&1 \
+        | tee "$OUT/batched-linear.log" | tail -60 ;;
+    batched_decode)
+      timeout 540 python3 "$SRC/bench/batched_decode.py" --batches 1,16,64 --sparsity 0,0.6 --torch \
+        --json "$OUT/batched-decode.json" 2>&1 | tee "$OUT/batched-decode.log" | tail -20 ;;
     e2e)
       timeout 400 python3 -m qsparse_infer.cli bench --shape 2b4t --sparsity 0,0.4,0.6,0.8 --prompt-len 128 \
         --new-tokens 256 --reps ${REPS:-3} --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | tail -30 ;;
