@@ -126,6 +126,42 @@ def test_lm_head_rows_bit_identical(h, with_norm):
         assert torch.equal(one[0], many[i]), f"row {i}"
 
 
+@pytest.mark.parametrize("d,glu,residual", [(2053, None, False), (4099, None, True), (1027, "relu2", False)])
+def test_linear_paths_give_rows_the_same_bits(d, glu, residual):
+    """ternary_linear over 11 rows: the gather-GEMV (groups of 8, fused or split by D) and the GEMM give each
+    row the same bits, with or without a fused RMSNorm; t1 row by row too when no norm is fused (with a norm it
+    normalizes in another order: close, not necessarily equal). This is what lets the runner batch rows on any
+    path and still give a sequence the same logits alone and batched."""
+    from qsparse_infer.linear_kernels import PackedTernary, ternary_linear
+
+    gen = torch.Generator().manual_seed(d)
+    segs = (64, 64) if glu else (301,)
+    layout = "interleave" if glu else "concat"
+    w = PackedTernary.from_ternary([torch.randint(-1, 2, (n, d), generator=gen, dtype=torch.int8) for n in segs],
+                                   [0.7, 1.3][:len(segs)], layout, device=DEV)
+    x = torch.randn(11, d, generator=gen).to(DEV)
+    x[3] = x[2]  # identical rows stay identical
+    k = int(0.4 * d)
+    n_out = segs[0] if glu else sum(segs)
+    res = torch.randn(11, n_out, generator=gen).to(DEV) if residual else None
+    for nw in (None, (torch.rand(d, generator=gen) + 0.5).to(DEV)):
+        outs = {}
+        for path in ("t1", "gemv", "gemm"):
+            outs[path] = ternary_linear(x, w, k, norm_weight=nw, glu=glu, residual=res, _path=path)
+            assert torch.isfinite(outs[path]).all()
+        assert torch.equal(outs["gemv"], outs["gemm"])
+        if res is None:
+            assert torch.equal(outs["gemm"][3], outs["gemm"][2])
+        for i in range(11):  # one row alone == that row in the batch
+            one = ternary_linear(x[i:i + 1], w, k, norm_weight=nw, glu=glu,
+                                 residual=None if res is None else res[i:i + 1], _path="gemv")
+            assert torch.equal(one[0], outs["gemm"][i])
+        if nw is None:
+            assert torch.equal(outs["t1"], outs["gemm"])
+        else:
+            assert rel(outs["t1"], outs["gemm"]) < 1e-2
+
+
 # -- the runner ----------------------------------------------------------------------------------------
 
 STEPS = 4
