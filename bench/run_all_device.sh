@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels e2e
+#   (serving work: serving batched_linear batched_decode)
 # Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
 # arguments, e.g. --no-peer), REPS, SWEEP_ARGS (e.g. --only 2b4t --variants t1p,t1). `e2e-nopdl` repeats e2e with programmatic dependent launch off.
@@ -46,6 +47,16 @@ for what in "$@"; do
       QSPARSE_PDL=$pdl timeout 400 python3 -m qsparse_infer.cli bench --shape ${E2E_SHAPE:-2b4t} \
         --sparsity ${E2E_SPARSITY:-0,0.4,0.6,0.8} --prompt-len 128 --new-tokens 256 --reps ${REPS:-3} ${E2E_ARGS:-} \
         --json "$OUT/$what-${E2E_SHAPE:-2b4t}.json" 2>&1 | tee "$OUT/$what-${E2E_SHAPE:-2b4t}.log" | tail -30 ;;
+    serving)  # the batched decoder and its kernels, plus the single-sequence decoder they must not have changed
+      timeout 400 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" -rfEs \
+        "$SRC/tests/test_serving_gpu.py" "$SRC/tests/test_decode_kernels_gpu.py" "$SRC/tests/test_gpu_model_gpu.py" \
+        2>&1 | tee "$OUT/serving-tests.log" | tail -30 ;;
+    batched_linear)
+      timeout 300 python3 "$SRC/bench/batched_linear.py" --json "$OUT/batched-linear.json" 2>&1 \
+        | tee "$OUT/batched-linear.log" | tail -60 ;;
+    batched_decode)
+      timeout 540 python3 "$SRC/bench/batched_decode.py" --batches 1,16,64 --sparsity 0,0.6 --torch \
+        --json "$OUT/batched-decode.json" 2>&1 | tee "$OUT/batched-decode.log" | tail -20 ;;
   esac
   echo "== $what done at $(( $(date +%s) - t0 )) s"
 done

@@ -3,6 +3,7 @@
 // The head is the largest single read of a decode step (V*H*2 bytes at bf16), so it is a plain streaming
 // GEMV: a persistent grid, each block normalizes x into shared memory once, then every warp walks whole
 // rows with 16-byte loads and fp32 accumulation.
+#include <algorithm>
 #include <cmath>
 
 #include "decode_common.cuh"
@@ -27,50 +28,86 @@ struct Vec<float> {
   static constexpr int N = 4;
 };
 
+// Explicit fma / rounding: the multi-row instances must give each row exactly the one-row result.
 template <typename W>
 __device__ __forceinline__ float dot16(const uint4& raw, const float* x) {
   float s = 0.f;
   const W* w = reinterpret_cast<const W*>(&raw);
 #pragma unroll
-  for (int j = 0; j < Vec<W>::N; ++j) s += dec::to_f<W>(w[j]) * x[j];
+  for (int j = 0; j < Vec<W>::N; ++j) s = __fmaf_rn(dec::to_f<W>(w[j]), x[j], s);
   return s;
 }
 
-template <typename W, bool VEC>
+// MAXT: rows of x per launch (nt <= MAXT at run time); RPW: W rows a warp walks at once, so every x value
+// read from shared memory serves RPW rows (with many x rows, shared-memory reads would bound the kernel).
+template <typename W, bool VEC, int MAXT, int RPW>
 __global__ void __launch_bounds__(kHeadThreads) lm_head_kernel(const float* __restrict__ x,
                                                                const float* __restrict__ norm_w, float eps,
-                                                               const W* __restrict__ Wt, int V, int H,
+                                                               const W* __restrict__ Wt, int V, int H, int nt,
                                                                float* __restrict__ logits) {
-  extern __shared__ float xs[];  // [H]
+  extern __shared__ float xs[];  // [nt][H]
   __shared__ float scratch[32];
-  float r = 1.f;
-  if (norm_w != nullptr) {
-    float ss = 0.f;
-    for (int h = threadIdx.x; h < H; h += blockDim.x) ss += x[h] * x[h];
-    ss = dec::block_sum(ss, scratch);
-    r = rsqrtf(ss / (float)H + eps);
+  for (int t = 0; t < nt; ++t) {
+    const float* xt = x + (size_t)t * H;
+    float r = 1.f;
+    if (norm_w != nullptr) {
+      float ss = 0.f;
+      for (int h = threadIdx.x; h < H; h += blockDim.x) ss = __fmaf_rn(xt[h], xt[h], ss);
+      ss = dec::block_sum(ss, scratch);
+      r = rsqrtf(__fadd_rn(__fdiv_rn(ss, (float)H), eps));
+    }
+    for (int h = threadIdx.x; h < H; h += blockDim.x)
+      xs[t * H + h] = norm_w != nullptr ? __fmul_rn(__fmul_rn(xt[h], r), norm_w[h]) : xt[h];
   }
-  for (int h = threadIdx.x; h < H; h += blockDim.x) xs[h] = norm_w != nullptr ? x[h] * r * norm_w[h] : x[h];
   __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int row = blockIdx.x * nwarps + warp; row < V; row += gridDim.x * nwarps) {
-    const W* wr = Wt + (size_t)row * H;
-    float s = 0.f;
+  for (int row0 = (blockIdx.x * nwarps + warp) * RPW; row0 < V; row0 += gridDim.x * nwarps * RPW) {
+    float s[MAXT][RPW];
+#pragma unroll
+    for (int t = 0; t < MAXT; ++t)
+#pragma unroll
+      for (int u = 0; u < RPW; ++u) s[t][u] = 0.f;
     if (VEC) {
       constexpr int N = Vec<W>::N;
-      const uint4* w4 = reinterpret_cast<const uint4*>(wr);
       const int nvec = H / N;
-#pragma unroll 4
+#pragma unroll 2
       for (int i = lane; i < nvec; i += 32) {
-        const uint4 raw = __ldcs(w4 + i);  // streamed once per token: do not keep it in L1/L2
-        s += dot16<W>(raw, xs + i * N);
+        uint4 raw[RPW];
+#pragma unroll
+        for (int u = 0; u < RPW; ++u) {
+          const int row = min(row0 + u, V - 1);  // rows past V repeat the last one; never stored
+          raw[u] = __ldcs(reinterpret_cast<const uint4*>(Wt + (size_t)row * H) + i);  // streamed once per pass
+        }
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) {
+          if (t < nt) {
+#pragma unroll
+            for (int u = 0; u < RPW; ++u) s[t][u] = __fadd_rn(s[t][u], dot16<W>(raw[u], xs + t * H + i * N));
+          }
+        }
       }
     } else {
-      for (int h = lane; h < H; h += 32) s += dec::to_f<W>(wr[h]) * xs[h];
+      for (int h = lane; h < H; h += 32) {
+#pragma unroll
+        for (int u = 0; u < RPW; ++u) {
+          const float wv = dec::to_f<W>(Wt[(size_t)min(row0 + u, V - 1) * H + h]);
+#pragma unroll
+          for (int t = 0; t < MAXT; ++t)
+            if (t < nt) s[t][u] = __fmaf_rn(wv, xs[t * H + h], s[t][u]);
+        }
+      }
     }
-    s = dec::warp_sum(s);
-    if (lane == 0) logits[row] = s;
+#pragma unroll
+    for (int t = 0; t < MAXT; ++t) {
+      if (t < nt) {
+#pragma unroll
+        for (int u = 0; u < RPW; ++u) {
+          const float v = dec::warp_sum(s[t][u]);
+          if (lane == 0 && row0 + u < V) logits[(size_t)t * V + row0 + u] = v;
+        }
+      }
+    }
   }
 }
 
@@ -84,23 +121,38 @@ int sm_count() {
   return n;
 }
 
-template <typename W>
-void launch(const float* x, const float* norm_w, float eps, const void* Wt, int T, int V, int H, float* logits,
-            cudaStream_t stream) {
-  const size_t smem = sizeof(float) * (size_t)H;
+constexpr size_t kHeadSmemLimit = 200 * 1024;
+
+template <typename W, int MAXT, int RPW>
+void launch_rows(const float* x, const float* norm_w, float eps, const void* Wt, int nt, int V, int H, float* logits,
+                 cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (size_t)H * nt;
   const bool vec = (H % Vec<W>::N == 0) && (reinterpret_cast<uintptr_t>(Wt) % 16 == 0);
-  auto kern = vec ? lm_head_kernel<W, true> : lm_head_kernel<W, false>;
+  auto kern = vec ? lm_head_kernel<W, true, MAXT, RPW> : lm_head_kernel<W, false, MAXT, RPW>;
   if (smem > 48 * 1024) {
     QS_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   }
-  const int rows_per_block = kHeadThreads / 32;
+  const int rows_per_block = (kHeadThreads / 32) * RPW;
   int grid = (V + rows_per_block - 1) / rows_per_block;
-  const int cap = sm_count() * 8;  // persistent: each block normalizes x once, then streams many rows
+  // persistent: each block normalizes x once; multi-row blocks hold nt rows of x, so as many as fit per SM
+  const int cap = sm_count() * (MAXT == 1 ? 8 : (smem > 100 * 1024 ? 1 : 2));
   if (grid > cap) grid = cap;
-  for (int t = 0; t < T; ++t) {
-    kern<<<grid, kHeadThreads, smem, stream>>>(x + (size_t)t * H, norm_w, eps, (const W*)Wt, V, H,
-                                               logits + (size_t)t * V);
-    QS_LAUNCH_CHECK("lm_head_kernel");
+  kern<<<grid, kHeadThreads, smem, stream>>>(x, norm_w, eps, (const W*)Wt, V, H, nt, logits);
+  QS_LAUNCH_CHECK("lm_head_kernel");
+}
+
+template <typename W>
+void launch(const float* x, const float* norm_w, float eps, const void* Wt, int T, int V, int H, float* logits,
+            cudaStream_t stream) {
+  if (T == 1 || (size_t)H * sizeof(float) * 2 > kHeadSmemLimit) {  // one row per pass
+    for (int t = 0; t < T; ++t)
+      launch_rows<W, 1, 1>(x + (size_t)t * H, norm_w, eps, Wt, 1, V, H, logits + (size_t)t * V, stream);
+    return;
+  }
+  const int per = (int)std::min<size_t>(16, kHeadSmemLimit / ((size_t)H * sizeof(float)));
+  for (int t0 = 0; t0 < T; t0 += per) {
+    const int nt = std::min(per, T - t0);
+    launch_rows<W, 16, 4>(x + (size_t)t0 * H, norm_w, eps, Wt, nt, V, H, logits + (size_t)t0 * V, stream);
   }
 }
 

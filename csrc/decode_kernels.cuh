@@ -38,7 +38,8 @@ void attention(const float* qkv, int stride, int T, int nq, int nkv, int hd, con
                float* ws, int* counters, cudaStream_t stream);
 
 // logits[t, v] = sum_h xn[t, h] * W[v, h], with xn = RMSNorm(x) * norm_w when norm_w != nullptr, else x.
-// W [V, H] bf16/fp16/fp32; fp32 accumulation.
+// W [V, H] bf16/fp16/fp32; fp32 accumulation. Up to 16 rows share one pass over W (batched decode); a
+// row's logits are bit-identical whatever T is (same per-row operation order, explicit fma/rounding).
 void lm_head(const float* x, const float* norm_w, float eps, const void* W, int wdtype, int T, int V, int H,
              float* logits, cudaStream_t stream);
 
@@ -49,5 +50,13 @@ void lm_head(const float* x, const float* norm_w, float eps, const void* W, int 
 // Writes token[0], seen[token] = 1, history[*pos + advance] = token (if < hist_len), *pos += advance.
 void sample(const float* logits, int V, uint8_t* seen, const float* fparams, const int32_t* iparams, int64_t* rng,
             int32_t* pos, int advance, int32_t* token, int32_t* history, int hist_len, cudaStream_t stream);
+
+// B rows in one launch (one block per row), same rules and random numbers as sample(): row b samples from
+// logits [b, :] with the state of sequence r = slots[b] (slots == nullptr: r = b): seen [r, V], fparams [r, 3],
+// iparams [r], rng [r, 2], pos [r], token [r], history [r, hist_len] (history may be nullptr). Rows that
+// share r (padding rows of a batched step) race on that state: give them a scratch sequence.
+void sample_batch(const float* logits, int B, int V, const int32_t* slots, uint8_t* seen, const float* fparams,
+                  const int32_t* iparams, int64_t* rng, int32_t* pos, int advance, int32_t* token, int32_t* history,
+                  int hist_len, cudaStream_t stream);
 
 }  // namespace qsparse

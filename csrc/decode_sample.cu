@@ -1,4 +1,4 @@
-// GPU sampling: one block of 1024 threads picks the next token from the logits.
+// GPU sampling: one block of 1024 threads per row picks that row's next token from its logits.
 //
 // Rules (mirrored exactly by qsparse_infer/sampling.py on the CPU):
 //  1. x = logits; tokens marked in `seen` get the repetition penalty: x < 0 ? x * rp : x / rp.
@@ -150,16 +150,30 @@ __device__ uint32_t radix_select(int V, const Ctx& c, Wf weight, unsigned long l
   return prefix;
 }
 
-__global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __restrict__ logits, int V, uint8_t* seen,
-                                                                const float* __restrict__ fparams,
-                                                                const int32_t* __restrict__ iparams, int64_t* rng,
-                                                                int32_t* pos, int advance, int32_t* token,
-                                                                int32_t* history, int hist_len) {
+// One block per row b: logits row b; the sampling state of row slots[b] (slots == nullptr: row b), so a
+// batched decode step samples every active sequence in one launch without gathering its state.
+__global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __restrict__ logits_all, int V,
+                                                                const int32_t* __restrict__ slots, uint8_t* seen_all,
+                                                                const float* __restrict__ fparams_all,
+                                                                const int32_t* __restrict__ iparams_all,
+                                                                int64_t* rng_all, int32_t* pos_all, int advance,
+                                                                int32_t* token_all, int32_t* history_all,
+                                                                int hist_len) {
   __shared__ float sv[32];
   __shared__ int si[32];
   __shared__ unsigned long long hist[256];
   __shared__ unsigned long long sh[2];
   __shared__ unsigned long long wsum[32];
+  const int b = blockIdx.x;
+  const int r = slots != nullptr ? slots[b] : b;
+  const float* logits = logits_all + (size_t)b * V;
+  uint8_t* seen = seen_all + (size_t)r * V;
+  const float* fparams = fparams_all + 3 * (size_t)r;
+  const int32_t* iparams = iparams_all + r;
+  int64_t* rng = rng_all + 2 * (size_t)r;
+  int32_t* pos = pos_all + r;
+  int32_t* token = token_all + r;
+  int32_t* history = history_all != nullptr ? history_all + (size_t)r * hist_len : nullptr;
   Ctx c{logits, seen, 1.f, 1.f};
   const float temp = fparams[0], top_p = fparams[1];
   c.rp = fparams[2];
@@ -224,12 +238,19 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __r
 
 }  // namespace
 
-void sample(const float* logits, int V, uint8_t* seen, const float* fparams, const int32_t* iparams, int64_t* rng,
-            int32_t* pos, int advance, int32_t* token, int32_t* history, int hist_len, cudaStream_t stream) {
+void sample_batch(const float* logits, int B, int V, const int32_t* slots, uint8_t* seen, const float* fparams,
+                  const int32_t* iparams, int64_t* rng, int32_t* pos, int advance, int32_t* token, int32_t* history,
+                  int hist_len, cudaStream_t stream) {
   if (V <= 0) throw std::invalid_argument("sample: empty vocabulary");
-  sample_kernel<<<1, kSampleThreads, 0, stream>>>(logits, V, seen, fparams, iparams, rng, pos, advance, token,
+  if (B <= 0) return;
+  sample_kernel<<<B, kSampleThreads, 0, stream>>>(logits, V, slots, seen, fparams, iparams, rng, pos, advance, token,
                                                    history, hist_len);
   QS_LAUNCH_CHECK("sample_kernel");
+}
+
+void sample(const float* logits, int V, uint8_t* seen, const float* fparams, const int32_t* iparams, int64_t* rng,
+            int32_t* pos, int advance, int32_t* token, int32_t* history, int hist_len, cudaStream_t stream) {
+  sample_batch(logits, 1, V, nullptr, seen, fparams, iparams, rng, pos, advance, token, history, hist_len, stream);
 }
 
 }  // namespace qsparse

@@ -167,3 +167,42 @@ def sample(logits: torch.Tensor, seen: torch.Tensor, fparams: torch.Tensor, ipar
         hptr, hlen = history.data_ptr(), history.numel()
     ext().sample(logits.data_ptr(), v, seen.data_ptr(), fparams.data_ptr(), iparams.data_ptr(), rng.data_ptr(),
                  pos.data_ptr(), int(advance), token.data_ptr(), hptr, hlen, _stream())
+
+
+def sample_batch(logits: torch.Tensor, seen: torch.Tensor, fparams: torch.Tensor, iparams: torch.Tensor,
+                 rng: torch.Tensor, pos: torch.Tensor, token: torch.Tensor, slots: torch.Tensor | None = None,
+                 history: torch.Tensor | None = None, advance: int = 1) -> None:
+    """One token per row of logits [B, V] fp32 in one launch, by the rules of `sample` and with the same
+    random numbers. Row b uses the state of sequence r = slots[b] (int32 [B] on the GPU; None: r = b):
+    seen uint8 [S, V], fparams fp32 [S, 3], iparams int32 [S], rng int64 [S, 2], pos int32 [S] (+= advance),
+    token int32 [S] (written), history int32 [S, n] (optional). Rows naming the same r race on its state
+    (allowed for discarded padding rows only)."""
+    _check(logits, "logits", (torch.float32,), 2)
+    b, v = logits.shape
+    _check(seen, "seen", (torch.uint8,), 2)
+    s = seen.shape[0]
+    if seen.shape[1] != v:
+        raise ValueError(f"seen must be [S, {v}], got {tuple(seen.shape)}")
+    for name, t, dt, shape in (("fparams", fparams, torch.float32, (s, 3)), ("iparams", iparams, torch.int32, (s,)),
+                               ("rng", rng, torch.int64, (s, 2)), ("pos", pos, torch.int32, (s,)),
+                               ("token", token, torch.int32, (s,))):
+        _check(t, name, (dt,), len(shape))
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)}, got {list(t.shape)}")
+    sptr = 0
+    if slots is None:
+        if b > s:
+            raise ValueError(f"{b} rows but state for only {s} sequences (pass slots)")
+    else:
+        _check(slots, "slots", (torch.int32,), 1)
+        if slots.numel() != b:
+            raise ValueError(f"slots must have {b} entries, got {slots.numel()}")
+        sptr = slots.data_ptr()  # values are not range-checked here (that would sync): the caller owns them
+    hptr, hlen = 0, 0
+    if history is not None:
+        _check(history, "history", (torch.int32,), 2)
+        if history.shape[0] != s:
+            raise ValueError(f"history must be [{s}, n], got {tuple(history.shape)}")
+        hptr, hlen = history.data_ptr(), history.shape[1]
+    ext().sample_batch(logits.data_ptr(), b, v, sptr, seen.data_ptr(), fparams.data_ptr(), iparams.data_ptr(),
+                       rng.data_ptr(), pos.data_ptr(), int(advance), token.data_ptr(), hptr, hlen, _stream())

@@ -17,42 +17,17 @@ model already applies. fp32 is available (kv_dtype=torch.float32) for exact comp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from . import decode_kernels as dk
-from .config import ModelConfig, SparsityConfig, topk_count
-from .quant import LAYOUT_CONCAT, LAYOUT_INTERLEAVE, topk_mask
+from .config import ModelConfig, SparsityConfig
+from .gpu_weights import GpuWeights, TopK, group_geometry, host_weight_bytes, run_head, run_layers
 from .reference import rope_cos_sin
 from .sampling import SamplingSettings
 
-
-def group_geometry(cfg: ModelConfig, group: str) -> tuple[int, tuple[int, ...], str]:
-    """(input dim D, segment sizes, layout) of a packed projection group (docs/ARCHITECTURE.md)."""
-    h, m = cfg.hidden_size, cfg.intermediate_size
-    if group == "qkv":
-        return h, (cfg.q_size, cfg.kv_size, cfg.kv_size), LAYOUT_CONCAT
-    if group == "o":
-        return cfg.q_size, (h,), LAYOUT_CONCAT
-    if group == "gate_up":
-        return h, (m, m), LAYOUT_INTERLEAVE
-    if group == "down":
-        return m, (h,), LAYOUT_CONCAT
-    raise ValueError(f"unknown projection group {group!r}")
-
-
-@dataclass
-class _Layer:
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
-    attn_sub_norm: torch.Tensor | None
-    ffn_sub_norm: torch.Tensor | None
-    qkv: Any
-    o: Any
-    gate_up: Any
-    down: Any
+__all__ = ["GpuModel", "group_geometry"]
 
 
 def _fmt_gib(n: float) -> str:
@@ -66,7 +41,7 @@ class GpuModel:
     def __init__(self, ef: Any, sparsity: SparsityConfig | None = None, *, max_len: int | None = None,
                  kv_dtype: torch.dtype = torch.bfloat16, use_graph: bool = True,
                  device: str | torch.device = "cuda") -> None:
-        from .linear_kernels import PackedTernary, ternary_linear
+        from .linear_kernels import ternary_linear
 
         self._linear = ternary_linear
         cfg: ModelConfig = ef.config
@@ -85,9 +60,7 @@ class GpuModel:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
-        tensors: dict[str, torch.Tensor] = {k: v for k, v in ef.tensors.items() if k != "tokenizer.bytes"}
-
-        weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values() if not t.is_cuda)
+        weight_bytes = host_weight_bytes(ef)
         kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * self.max_len * cfg.head_dim * kv_dtype.itemsize
         with torch.cuda.device(self.device):
             free, _total = torch.cuda.mem_get_info()
@@ -97,7 +70,7 @@ class GpuModel:
                                f"{_fmt_gib(weight_bytes)} + KV cache {_fmt_gib(kv_bytes)} for {self.max_len} "
                                f"positions), {_fmt_gib(free)} free; lower max_len or free the GPU")
         try:
-            self._upload(tensors, PackedTernary)
+            self._upload(ef)
             self._allocate()
         except torch.cuda.OutOfMemoryError:
             self.__dict__.clear()
@@ -113,38 +86,12 @@ class GpuModel:
 
     # -- setup ----------------------------------------------------------------------------------
 
-    def _upload(self, t: dict[str, torch.Tensor], PackedTernary) -> None:
-        cfg, dev = self.cfg, self.device
-
-        def norm(name: str) -> torch.Tensor:
-            return t[name].to(device=dev, dtype=torch.float32).contiguous()
-
-        self.embed = t["embed_tokens"].to(dev).contiguous()
-        self.head = self.embed if cfg.tie_word_embeddings else t["lm_head"].to(dev).contiguous()
-        self.final_norm = norm("norm")
-        self.layers: list[_Layer] = []
-        for i in range(cfg.num_layers):
-            p = f"layers.{i}."
-            groups = {}
-            for g in ("qkv", "o", "gate_up", "down"):
-                _, segs, layout = group_geometry(cfg, g)
-                groups[g] = PackedTernary(t[p + g + ".packed"].to(dev).contiguous(),
-                                          t[p + g + ".scales"].to(device=dev, dtype=torch.float32).contiguous(),
-                                          segs, layout)
-            self.layers.append(_Layer(
-                norm(p + "input_norm"), norm(p + "post_attn_norm"),
-                norm(p + "attn_sub_norm") if cfg.attn_sub_norm else None,
-                norm(p + "ffn_sub_norm") if cfg.ffn_sub_norm else None, **groups))
-        held = [self.embed, self.final_norm] + ([] if cfg.tie_word_embeddings else [self.head])
-        for L in self.layers:
-            held += [x for x in (L.input_norm, L.post_norm, L.attn_sub_norm, L.ffn_sub_norm) if x is not None]
-            held += [x for g in (L.qkv, L.o, L.gate_up, L.down) for x in (g.packed, g.scales, g.colinfo)]
-        self.weight_bytes = sum(x.numel() * x.element_size() for x in held)  # as held on the GPU
-        # what a decode step must read at S = 0 from weights: packed rows + head (+ one embedding row)
-        self.packed_bytes = sum(getattr(L, g).packed.numel() for L in self.layers
-                                for g in ("qkv", "o", "gate_up", "down"))
-        self.head_bytes = self.head.numel() * self.head.element_size()
-        self.embed_bytes = self.embed.numel() * self.embed.element_size()
+    def _upload(self, ef: Any) -> None:
+        w = GpuWeights(ef, self.device)
+        self.weights = w
+        self.embed, self.head, self.final_norm, self.layers = w.embed, w.head, w.final_norm, w.layers
+        self.weight_bytes, self.packed_bytes = w.weight_bytes, w.packed_bytes
+        self.head_bytes, self.embed_bytes = w.head_bytes, w.embed_bytes
 
     def _allocate(self) -> None:
         cfg, dev = self.cfg, self.device
@@ -182,15 +129,9 @@ class GpuModel:
         self.length = 0  # host mirror of pos: positions filled in the KV cache
 
     def _set_k(self) -> None:
-        cfg, s = self.cfg, self.sparsity
-        self.k_attn = topk_count(cfg.hidden_size, s.attn)
-        self.k_o = topk_count(cfg.q_size, s.o)
-        self.k_mlp = topk_count(cfg.hidden_size, s.mlp)
-        self.k_down = topk_count(cfg.intermediate_size, s.down)
-        self.k_head = topk_count(cfg.hidden_size, s.lm_head) if s.lm_head > 0 else cfg.hidden_size
-        for name in ("k_attn", "k_o", "k_mlp", "k_down", "k_head"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"sparsity {s.describe()} keeps no channel ({name} = 0)")
+        k = TopK.of(self.cfg, self.sparsity)
+        self.topk = k
+        self.k_attn, self.k_o, self.k_mlp, self.k_down, self.k_head = k.attn, k.o, k.mlp, k.down, k.head
 
     @property
     def memory(self) -> dict[str, int]:
@@ -212,28 +153,20 @@ class GpuModel:
 
     def _layers(self, h: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor,
                 nsplit: int) -> None:
-        cfg, lin, eps = self.cfg, self._linear, self.cfg.rms_norm_eps
+        cfg = self.cfg
         nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        glu = cfg.activation
-        for i, L in enumerate(self.layers):
+
+        def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
             kc, vc = self.k_cache[i], self.v_cache[i]
-            lin(h, L.qkv, self.k_attn, norm_weight=L.input_norm, norm_eps=eps, out=qkv)
             dk.rope_append(qkv, nq, nkv, hd, self.cos_t, self.sin_t, self.pos, kc, vc)
             dk.attention(qkv, nq, nkv, hd, kc, vc, self.pos, out=attn, nsplit=nsplit, workspace=self.attn_ws,
                          counters=self.attn_counters)
-            lin(attn, L.o, self.k_o, norm_weight=L.attn_sub_norm, norm_eps=eps, residual=h, out=h)
-            lin(h, L.gate_up, self.k_mlp, norm_weight=L.post_norm, norm_eps=eps, glu=glu, out=mlp)
-            lin(mlp, L.down, self.k_down, norm_weight=L.ffn_sub_norm, norm_eps=eps, residual=h, out=h)
+
+        run_layers(self.weights, self.topk, h, qkv, attn, mlp, attend, self._linear)
 
     def _head(self, h: torch.Tensor, out: torch.Tensor) -> None:
         """Final RMSNorm + LM head for the rows of h [T, H] into out [T, V]."""
-        eps = self.cfg.rms_norm_eps
-        if self.k_head < self.cfg.hidden_size:  # top-K masked head input (dense, unquantized weights)
-            normed = dk.rmsnorm(h, self.final_norm, eps, out=self.normed if h.shape[0] == 1 else None)
-            normed.mul_(topk_mask(normed, self.k_head))
-            dk.lm_head(normed, self.head, out=out)
-        else:
-            dk.lm_head(h, self.head, norm_weight=self.final_norm, eps=eps, out=out)
+        run_head(self.weights, self.topk, h, out, normed=self.normed if h.shape[0] == 1 else None)
 
     def _decode_step(self) -> None:
         dk.embedding(self.embed, self.token, out=self.h)

@@ -304,15 +304,20 @@ def quantize_topk(x: torch.Tensor, k: int, norm_weight: torch.Tensor | None = No
 def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: torch.Tensor | None = None,
                    norm_eps: float = 1e-5, residual: torch.Tensor | None = None, glu: str | None = None,
                    out: torch.Tensor | None = None, _raw_acc: torch.Tensor | None = None,
-                   _variant: str | None = None, _shape: tuple[int, int] | None = None) -> torch.Tensor:
+                   _variant: str | None = None, _shape: tuple[int, int] | None = None,
+                   _path: str | None = None) -> torch.Tensor:
     """BitLinear over a packed ternary group: [RMSNorm] -> absmax int8 -> top-k -> int32 product -> epilogue.
 
     T <= 8 tokens run the gather-GEMV (only the k selected rows are read); more run the tensor-core
     GEMM on masked int8 activations. One token goes to a one-token kernel: variant 3 ("t1p", weight rows
-    prefetched into shared memory during the selection) where its tile fits, else variant 2 ("t1"), unless
+    prefetched into shared memory) for dense projections where its tile fits, else variant 2 ("t1"), unless
     `_variant` ("t1", "t1p", or "fused" / "split" = variant 1) says otherwise. `_raw_acc` (int32 [T, Npad],
     tests) receives the exact int32 accumulators per packed column; `_shape` overrides the launch shape
     (benchmarks): (chunks per tile, K-splits) for variant 1, (CTA size or 0, CTAs per column block) for t1/t1p.
+    `_path` forces a path for any T (batched decode picks paths by measured crossovers, bench/batched_linear.py):
+    "t1" (a one-token kernel once per row), "gemv" (variant 1 in groups of <= 8 rows), "gemm" (tensor cores).
+    Every path gives each row the same bits: exact int32 sums, a shared epilogue, and with norm_weight the
+    same order of the RMSNorm's sum of squares in every kernel (tests/test_linear_kernels_gpu.py checks it).
     """
     if not isinstance(w, PackedTernary):
         raise TypeError(f"w must be a PackedTernary, got {type(w).__name__}")
@@ -334,6 +339,8 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
         epi = EPI_RESIDUAL
     if out is not None:
         _check_tensor("out", out, (t, n_out), (torch.float32,))
+    if _path not in (None, "t1", "gemv", "gemm"):
+        raise ValueError(f"_path must be None, 't1', 'gemv' or 'gemm', got {_path!r}")
     if _raw_acc is not None:
         _check_tensor("_raw_acc", _raw_acc, (t, w.npad), (torch.int32,))
     dev = x.device
@@ -345,9 +352,22 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     if dev.index != torch.cuda.current_device():  # kernels launch on the current device
         with torch.cuda.device(dev):
             return ternary_linear(x, w, k, norm_weight=norm_weight, norm_eps=norm_eps, residual=residual, glu=glu,
-                                  out=out, _raw_acc=_raw_acc, _variant=_variant, _shape=_shape)
+                                  out=out, _raw_acc=_raw_acc, _variant=_variant, _shape=_shape, _path=_path)
     if out is None:
         out = torch.empty((t, n_out), dtype=torch.float32, device=dev)
+    rows = {"t1": 1, "gemv": MAX_GEMV_TOKENS}.get(_path or "", t)
+    if t > rows:  # a forced per-token path: run it on groups of rows (views: no copies)
+        for r0 in range(0, t, rows):
+            sl = slice(r0, min(t, r0 + rows))
+            ternary_linear(x[sl], w, k, norm_weight=norm_weight, norm_eps=norm_eps,
+                           residual=None if residual is None else residual[sl], glu=glu, out=out[sl],
+                           _raw_acc=None if _raw_acc is None else _raw_acc[sl], _variant=_variant, _shape=_shape,
+                           _path=_path)
+        return out
+    if _path == "t1" and _variant is None and d > T1_AUTO_MAX_D:
+        _variant = "t1"
+    elif _path == "gemv" and t == 1 and _variant in (None, "t1"):
+        _variant = "fused" if plan_gemv(w, k, dev).fused else "split"
 
     stream = _stream(dev)
     xb = int(x.dtype == torch.bfloat16)
@@ -357,7 +377,7 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     rb = int(w.packed.shape[1])
     one_token = _variant in ("t1", "t1p")
     use_t1 = d <= T1_AUTO_MAX_D if _variant is None else (one_token and d <= T1_MAX_D)
-    if t == 1 and k >= 1 and use_t1:
+    if t == 1 and k >= 1 and use_t1 and _path != "gemm":
         r = _shape[1] if (one_token and _shape is not None) else plan_t1(w, k, dev)
         threads = _shape[0] if (one_token and _shape is not None) else t1_threads(d)
         if _variant is None:
@@ -369,7 +389,7 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
         ext().ternary_gemv_t1(x.data_ptr(), xb, norm_ptr, float(norm_eps), d, k, w.packed.data_ptr(), rb,
                               w.colinfo.data_ptr(), w.scales.data_ptr(), int(w.scales.numel()), epi, res_ptr,
                               out.data_ptr(), n_out, raw_ptr, r, stream, threads, variant)
-    elif t <= MAX_GEMV_TOKENS:
+    elif t <= MAX_GEMV_TOKENS and _path != "gemm":
         if one_token:
             raise ValueError("the one-token GEMV variants (t1, t1p) take exactly one token and 1 <= k")
         plan = plan_gemv(w, k, dev, _variant, _shape)

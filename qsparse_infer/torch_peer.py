@@ -3,8 +3,14 @@ gpt-fast way (fused qkv and gate/up matmuls, static KV cache updated with index_
 causal mask over the static cache, greedy argmax on the device), the decode step compiled with
 torch.compile and captured in one CUDA graph that also feeds the token and position back, so replays
 run back to back like ours. Random weights, generated on the GPU.
+
+batch = B > 1 is the static-batch peer of the serving benchmark (bench_torch_batched): B sequences of the
+same length decoded in lockstep (one [B, 1] token tensor per step, caches [L, B, nkv, max_len, hd]).
 """
 from __future__ import annotations
+
+import statistics
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +26,8 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 class TorchPeer:
     def __init__(self, cfg: ModelConfig, max_len: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 seed: int = 0) -> None:
-        self.cfg, self.max_len, self.dtype = cfg, max_len, dtype
+                 seed: int = 0, batch: int = 1) -> None:
+        self.cfg, self.max_len, self.dtype, self.batch = cfg, max_len, dtype, batch
         dev = torch.device(device)
         g = torch.Generator(device=dev)
         g.manual_seed(seed)
@@ -45,7 +51,7 @@ class TorchPeer:
                 w13=w(2 * m, h), w2=w(h, m),
                 attn_sub=ones(cfg.q_size) if cfg.attn_sub_norm else None,
                 ffn_sub=ones(m) if cfg.ffn_sub_norm else None))
-        shape = (cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k_cache = torch.zeros(shape, device=dev, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=dev, dtype=dtype)
         cos, sin = rope_cos_sin(torch.arange(max_len), cfg.head_dim, cfg.rope_theta)
@@ -59,28 +65,32 @@ class TorchPeer:
         self.mode = "eager"
 
     def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        c, s = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        c, s = self.cos[pos][None, :, None, :], self.sin[pos][None, :, None, :]
         half = x.shape[-1] // 2
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * c + rot * s
 
-    def forward(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """idx, pos: int64 [T] -> logits [T, V] (bf16 matmuls, fp32 norms)."""
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """idx int64 [B, T] (or [T] when batch == 1), pos int64 [T] (shared by the batch) -> logits [B, T, V]
+        (or [T, V]); bf16 matmuls, fp32 norms. last_only: logits of the last position only (T' = 1)."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
-        t = idx.shape[0]
+        single = idx.dim() == 1
+        if single:
+            idx = idx[None]
+        b, t = idx.shape
         nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = self.embed[idx]
         mask = self.mask[pos]  # [T, max_len]
         for i, L in enumerate(self.layers):
             hqkv = F.linear(_rms(x, L["in_norm"], eps), L["wqkv"])
             q, k, v = hqkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            q = self._rope(q.view(t, nq, hd), pos)
-            k = self._rope(k.view(t, nkv, hd), pos)
-            self.k_cache[i].index_copy_(1, pos, k.transpose(0, 1))
-            self.v_cache[i].index_copy_(1, pos, v.view(t, nkv, hd).transpose(0, 1))
-            y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], self.k_cache[i][None], self.v_cache[i][None],
+            q = self._rope(q.view(b, t, nq, hd), pos)
+            k = self._rope(k.view(b, t, nkv, hd), pos)
+            self.k_cache[i].index_copy_(2, pos, k.transpose(1, 2))
+            self.v_cache[i].index_copy_(2, pos, v.view(b, t, nkv, hd).transpose(1, 2))
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k_cache[i], self.v_cache[i],
                                                attn_mask=mask[None, None], enable_gqa=True)
-            y = y[0].transpose(0, 1).reshape(t, cfg.q_size)
+            y = y.transpose(1, 2).reshape(b, t, cfg.q_size)
             if L["attn_sub"] is not None:
                 y = _rms(y, L["attn_sub"], eps)
             x = x + F.linear(y, L["wo"])
@@ -90,21 +100,28 @@ class TorchPeer:
             if L["ffn_sub"] is not None:
                 a = _rms(a, L["ffn_sub"], eps)
             x = x + F.linear(a, L["w2"])
-        return F.linear(_rms(x, self.norm, eps), self.head).float()
+        if last_only:
+            x = x[:, -1:]
+        logits = F.linear(_rms(x, self.norm, eps), self.head).float()
+        return logits[0] if single else logits
 
     def _step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(self.forward(tok, pos)[-1], dim=-1, keepdim=True)
+        """tok [B, 1] -> the next tokens [B, 1] (greedy)."""
+        return torch.argmax(self.forward(tok, pos)[:, -1], dim=-1, keepdim=True)
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> int:
-        pos = torch.arange(ids.numel(), device=self.device)
-        return int(torch.argmax(self.forward(ids.to(self.device), pos)[-1]))
+    def prefill(self, ids: torch.Tensor) -> int | list[int]:
+        """ids [T] (-> first token) or [B, T] (-> first token per sequence)."""
+        pos = torch.arange(ids.shape[-1], device=self.device)
+        # a batch computes the head for the last position only ([B, T, V] fp32 logits would dominate memory)
+        first = torch.argmax(self.forward(ids.to(self.device), pos, last_only=ids.dim() == 2)[..., -1, :], dim=-1)
+        return int(first) if ids.dim() == 1 else first.tolist()
 
     @torch.no_grad()
     def capture(self, compile: bool = True) -> str:
         """Compile the decode step (if asked and possible) and capture it, with the token/position feedback,
         in one CUDA graph. Returns the mode used."""
-        self.tok = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.tok = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         fn, mode = self._step, "eager+cudagraph"
         if compile:
@@ -153,9 +170,44 @@ class TorchPeer:
         self.mode = mode
         return mode
 
-    def start_decode(self, first_token: int, position: int) -> None:
-        self.tok.fill_(first_token)
+    def start_decode(self, first_token: int | list[int], position: int) -> None:
+        if isinstance(first_token, int):
+            self.tok.fill_(first_token)
+        else:
+            self.tok.copy_(torch.tensor(first_token, dtype=torch.long).view(-1, 1))
         self.pos.fill_(position)
 
     def step(self) -> None:
         self.graph.replay()
+
+
+@torch.no_grad()
+def bench_torch_batched(cfg: ModelConfig, B: int, prompt_len: int = 128, new_tokens: int = 128,
+                        compile: bool = True, device: str = "cuda") -> dict[str, Any]:
+    """Static batch of B sequences (random prompts of prompt_len tokens), greedy decode of new_tokens steps
+    with the compiled step in a CUDA graph. tok_s counts every sequence's tokens (B per step)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    peer = TorchPeer(cfg, max_len=prompt_len + new_tokens + 8, device=device, batch=B)
+    mode = peer.capture(compile=compile)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=g)
+    first = peer.prefill(prompts)
+    peer.start_decode(first, prompt_len)
+    for _ in range(3):  # warm replays
+        peer.step()
+    peer.start_decode(first, prompt_len)
+    torch.cuda.synchronize(device)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens + 1)]
+    ev[0].record()
+    for i in range(new_tokens):
+        peer.step()
+        ev[i + 1].record()
+    torch.cuda.synchronize(device)
+    step_ms = [ev[i].elapsed_time(ev[i + 1]) for i in range(new_tokens)]
+    ms = statistics.median(step_ms)
+    out = {"B": B, "mode": mode, "ms_per_step": ms, "tok_s": B * 1e3 / ms,
+           "peak_mem": torch.cuda.max_memory_allocated(device)}
+    del peer
+    torch.cuda.empty_cache()
+    return out

@@ -1,0 +1,136 @@
+"""Batched ternary_linear paths at BitNet-2B4T shapes: which path serves B decode rows fastest.
+
+For B in 1..64 rows, sparsity S in (0, 0.6) and each projection group of a 2B4T layer (qkv, o, gate_up with
+the GLU epilogue, down with the residual epilogue; the RMSNorm fused as in the decoder), times
+linear_kernels.ternary_linear with each forced path:
+  t1    the one-token kernel once per row (B launches)
+  gemv  the gather-GEMV, variant 1, in groups of <= 8 rows (each row reads only its K selected rows)
+  gemm  the int8 tensor-core GEMM on masked activations (reads every weight row once for all rows)
+Each measurement is a CUDA graph of `--calls` back-to-back calls (the decoder replays graphs, so launch
+overhead is not counted), replayed `--reps` times; the median per call is printed in us.
+
+Prints one table per S (us per call per group, and the per-layer sum), then the crossover: the fastest path
+per B and the serving.gpu_runner.LinearPolicy that follows from it. --json writes every number.
+
+    python bench/batched_linear.py [--json bench/results/batched-linear-h200.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from qsparse_infer.config import ModelConfig, topk_count
+from qsparse_infer.gpu_weights import group_geometry
+from qsparse_infer.linear_kernels import PackedTernary, pack_ternary_gpu, ternary_linear
+from qsparse_infer.random_model import SHAPES
+
+CFG_2B4T = SHAPES["2b4t"]
+GROUPS = ("qkv", "o", "gate_up", "down")
+PATHS = ("t1", "gemv", "gemm")
+
+
+def make_group(cfg: ModelConfig, group: str, gen: torch.Generator) -> PackedTernary:
+    d, segs, layout = group_geometry(cfg, group)
+    segments = [(torch.randint(0, 3, (n, d), generator=gen, dtype=torch.int8) - 1).cuda() for n in segs]
+    packed = pack_ternary_gpu(segments, layout)
+    scales = torch.rand(len(segs), generator=gen).add_(0.5).cuda()
+    return PackedTernary(packed, scales, segs, layout)
+
+
+def time_path(x: torch.Tensor, w: PackedTernary, k: int, kw: dict, path: str, calls: int, reps: int) -> float:
+    def body():
+        for _ in range(calls):
+            ternary_linear(x, w, k, _path=path, **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()  # sizes the shared workspaces before capture
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
+    g.replay()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        per_call.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(per_call)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", default="1,2,4,8,16,32,64")
+    ap.add_argument("--sparsity", default="0,0.6")
+    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    sparsities = [float(s) for s in args.sparsity.split(",")]
+    paths = args.paths.split(",")
+    cfg = CFG_2B4T
+    gen = torch.Generator().manual_seed(0)
+    weights = {g: make_group(cfg, g, gen) for g in GROUPS}
+    results: list[dict] = []
+    print(f"device: {torch.cuda.get_device_name()}; 2B4T shapes; us per call (median of {args.reps} graph replays "
+          f"of {args.calls} calls)")
+    for s in sparsities:
+        table: dict[tuple[int, str], dict[str, float]] = {}
+        for b in batches:
+            for path in paths:
+                row: dict[str, float] = {}
+                for g in GROUPS:
+                    w = weights[g]
+                    d = w.in_features
+                    k = max(1, topk_count(d, s))
+                    x = torch.randn(b, d, generator=gen).cuda()
+                    kw: dict = {"norm_weight": torch.rand(d, generator=gen).add_(0.5).cuda()}
+                    if g == "gate_up":
+                        kw["glu"] = "relu2"
+                    if g in ("o", "down"):
+                        kw["residual"] = torch.randn(b, w.out_features, generator=gen).cuda()
+                    us = time_path(x, w, k, kw, path, args.calls, args.reps)
+                    row[g] = us
+                    results.append({"S": s, "B": b, "path": path, "group": g, "us": us})
+                row["layer"] = sum(row[g] for g in GROUPS)
+                table[(b, path)] = row
+                del x
+        print(f"\nS = {s}")
+        print(f"{'B':>4} {'path':>5} " + " ".join(f"{g:>9}" for g in GROUPS) + f" {'layer':>9} {'x30 ms':>7}"
+              f" {'us/row':>7}")
+        for b in batches:
+            for path in paths:
+                r = table[(b, path)]
+                print(f"{b:>4} {path:>5} " + " ".join(f"{r[g]:9.1f}" for g in GROUPS)
+                      + f" {r['layer']:9.1f} {30 * r['layer'] / 1e3:7.2f} {r['layer'] / b:7.1f}")
+        print("crossover (fastest path per B, per layer):")
+        best = {}
+        for b in batches:
+            p = min(paths, key=lambda q: table[(b, q)]["layer"])
+            best[b] = p
+            others = ", ".join(f"{q} {table[(b, q)]['layer']:.1f}" for q in paths if q != p)
+            print(f"  B = {b:>3}: {p} ({table[(b, p)]['layer']:.1f} us; {others})")
+        gemv_max = max([b for b in batches if best[b] in ("t1", "gemv")] or [1])
+        print(f"  => LinearPolicy(gemv_max_rows={gemv_max}, t1_single_row={best.get(1, 't1') == 't1'})  (S = {s})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1))
+        tmp.replace(args.json)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""What the single-sequence decoder (gpu_model.GpuModel) and the batched one (serving/gpu_runner.py) share:
+the weights as uploaded to the GPU, the top-K counts of a sparsity setting, and the layer stack / LM head
+written once over "rows" (tokens of one prompt, or one token of each sequence in a batch).
+
+How a layer's attention reads and writes its KV cache is the caller's business (one cache, or a pool of
+slots), so run_layers takes it as a callback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from . import decode_kernels as dk
+from .config import ModelConfig, SparsityConfig, topk_count
+from .quant import LAYOUT_CONCAT, LAYOUT_INTERLEAVE, topk_mask
+
+
+def group_geometry(cfg: ModelConfig, group: str) -> tuple[int, tuple[int, ...], str]:
+    """(input dim D, segment sizes, layout) of a packed projection group (docs/ARCHITECTURE.md)."""
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    if group == "qkv":
+        return h, (cfg.q_size, cfg.kv_size, cfg.kv_size), LAYOUT_CONCAT
+    if group == "o":
+        return cfg.q_size, (h,), LAYOUT_CONCAT
+    if group == "gate_up":
+        return h, (m, m), LAYOUT_INTERLEAVE
+    if group == "down":
+        return m, (h,), LAYOUT_CONCAT
+    raise ValueError(f"unknown projection group {group!r}")
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    attn_sub_norm: torch.Tensor | None
+    ffn_sub_norm: torch.Tensor | None
+    qkv: Any
+    o: Any
+    gate_up: Any
+    down: Any
+
+
+def file_tensors(ef: Any) -> dict[str, torch.Tensor]:
+    """The engine file's model tensors (the tokenizer blob stays on the host)."""
+    return {k: v for k, v in ef.tensors.items() if k != "tokenizer.bytes"}
+
+
+def host_weight_bytes(ef: Any) -> int:
+    """Bytes the weights will take on the GPU (as stored in the file)."""
+    return sum(t.numel() * t.element_size() for t in file_tensors(ef).values() if not t.is_cuda)
+
+
+class GpuWeights:
+    """The model's weights on one GPU: embedding, head, final norm, and per layer the norms and the four
+    packed ternary groups (linear_kernels.PackedTernary)."""
+
+    def __init__(self, ef: Any, device: torch.device) -> None:
+        from .linear_kernels import PackedTernary
+
+        cfg: ModelConfig = ef.config
+        self.cfg, self.device = cfg, device
+        t, dev = file_tensors(ef), device
+
+        def norm(name: str) -> torch.Tensor:
+            return t[name].to(device=dev, dtype=torch.float32).contiguous()
+
+        self.embed = t["embed_tokens"].to(dev).contiguous()
+        self.head = self.embed if cfg.tie_word_embeddings else t["lm_head"].to(dev).contiguous()
+        self.final_norm = norm("norm")
+        self.layers: list[Layer] = []
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            groups = {}
+            for g in ("qkv", "o", "gate_up", "down"):
+                _, segs, layout = group_geometry(cfg, g)
+                groups[g] = PackedTernary(t[p + g + ".packed"].to(dev).contiguous(),
+                                          t[p + g + ".scales"].to(device=dev, dtype=torch.float32).contiguous(),
+                                          segs, layout)
+            self.layers.append(Layer(
+                norm(p + "input_norm"), norm(p + "post_attn_norm"),
+                norm(p + "attn_sub_norm") if cfg.attn_sub_norm else None,
+                norm(p + "ffn_sub_norm") if cfg.ffn_sub_norm else None, **groups))
+        held = [self.embed, self.final_norm] + ([] if cfg.tie_word_embeddings else [self.head])
+        for L in self.layers:
+            held += [x for x in (L.input_norm, L.post_norm, L.attn_sub_norm, L.ffn_sub_norm) if x is not None]
+            held += [x for g in (L.qkv, L.o, L.gate_up, L.down) for x in (g.packed, g.scales, g.colinfo)]
+        self.weight_bytes = sum(x.numel() * x.element_size() for x in held)  # as held on the GPU
+        # what a decode step must read at S = 0 from weights: packed rows + head (+ one embedding row)
+        self.packed_bytes = sum(getattr(L, g).packed.numel() for L in self.layers
+                                for g in ("qkv", "o", "gate_up", "down"))
+        self.head_bytes = self.head.numel() * self.head.element_size()
+        self.embed_bytes = self.embed.numel() * self.embed.element_size()
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Channels kept per projection input (k_head = hidden size: a dense head)."""
+
+    attn: int
+    o: int
+    mlp: int
+    down: int
+    head: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, s: SparsityConfig) -> "TopK":
+        k = cls(topk_count(cfg.hidden_size, s.attn), topk_count(cfg.q_size, s.o), topk_count(cfg.hidden_size, s.mlp),
+                topk_count(cfg.intermediate_size, s.down),
+                topk_count(cfg.hidden_size, s.lm_head) if s.lm_head > 0 else cfg.hidden_size)
+        for name in ("attn", "o", "mlp", "down", "head"):
+            if getattr(k, name) < 1:
+                raise ValueError(f"sparsity {s.describe()} keeps no channel (k_{name} = 0)")
+        return k
+
+
+# attend(layer index, layer, qkv rows) -> rotate q/k, append K/V to the cache, write attention into `attn`
+Attend = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def run_layers(w: GpuWeights, k: TopK, h: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor,
+               attend: Attend, lin: Callable[..., torch.Tensor]) -> None:
+    """The layer stack over the rows of h [T, H] (updated in place). lin: linear_kernels.ternary_linear or a
+    wrapper of it that picks the path."""
+    eps, glu = w.cfg.rms_norm_eps, w.cfg.activation
+    for i, L in enumerate(w.layers):
+        lin(h, L.qkv, k.attn, norm_weight=L.input_norm, norm_eps=eps, out=qkv)
+        attend(i, qkv, attn)
+        lin(attn, L.o, k.o, norm_weight=L.attn_sub_norm, norm_eps=eps, residual=h, out=h)
+        lin(h, L.gate_up, k.mlp, norm_weight=L.post_norm, norm_eps=eps, glu=glu, out=mlp)
+        lin(mlp, L.down, k.down, norm_weight=L.ffn_sub_norm, norm_eps=eps, residual=h, out=h)
+
+
+def run_head(w: GpuWeights, k: TopK, h: torch.Tensor, out: torch.Tensor, normed: torch.Tensor | None = None) -> None:
+    """Final RMSNorm + LM head for the rows of h [T, H] into out [T, V] (normed: optional [T, H] scratch)."""
+    eps = w.cfg.rms_norm_eps
+    if k.head < w.cfg.hidden_size:  # top-K masked head input (dense, unquantized weights)
+        normed = dk.rmsnorm(h, w.final_norm, eps, out=normed)
+        normed.mul_(topk_mask(normed, k.head))
+        dk.lm_head(normed, w.head, out=out)
+    else:
+        dk.lm_head(h, w.head, norm_weight=w.final_norm, eps=eps, out=out)
