@@ -22,7 +22,11 @@
 //   memory), so CTAs with split >= nsplit(len) exit at once and never touch the counter.
 // - With nsplit > 1 each CTA writes (max, sum, unnormalized acc) per head to the workspace and the last
 //   CTA to arrive at the (b, kv head) counter merges them in split order (deterministic whichever CTA is
-//   last) and resets the counter: no second launch.
+//   last) and resets the counter: no second launch. The merge is L2 round trips, so it is built for
+//   memory-level parallelism: all (max, sum) pairs in one round, then 16-byte accumulator loads unrolled
+//   16 deep. Its cost grows with the split count, hence the cap (max_splits, 64 by default): at long
+//   contexts 64 splits x nkv CTAs already keep far more bytes in flight than DRAM needs.
+// - 3 CTAs per SM (<= 168 registers): at 2B4T shape 64 x 5 = 320 CTAs fit in one wave on 132 SMs.
 // - hd not a multiple of 16 bytes (odd test sizes) or unaligned caches take the same code with scalar
 //   loads (VEC = false).
 #include <cmath>
@@ -53,7 +57,9 @@ struct Tiling {
   static constexpr int PPP = kThreads / TPP;                      // positions per pass of the block
   static constexpr int REGS_ROW = CPT * (sizeof(R) >= 4 ? (int)sizeof(R) / 4 : 1);
   // ~32 registers of K (and as many of V) in flight per thread: 16 KB of K + 16 KB of V per bf16 tile.
-  static constexpr int RPT = 32 / REGS_ROW > 8 ? 8 : (32 / REGS_ROW < 1 ? 1 : 32 / REGS_ROW);
+  // The scalar fallback (odd sizes only) holds half that to stay clear of spills.
+  static constexpr int REGS_KV = VEC ? 32 : 16;
+  static constexpr int RPT = REGS_KV / REGS_ROW > 8 ? 8 : (REGS_KV / REGS_ROW < 1 ? 1 : REGS_KV / REGS_ROW);
   static constexpr int TILE = PPP * RPT;                          // positions per tile
   static_assert(TPP <= 32 && 32 % TPP == 0 && EPT <= 8, "tiling");
   // shared memory (floats): q, then a union of {scores x2 buffers, per-warp acc, merge weights}, then stats
@@ -304,19 +310,21 @@ __global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
   }
   __syncthreads();
 
-  const int qh0 = kv * G;
-  const size_t part = (size_t)hd + 2;  // one split's record per head: max, sum, acc[hd]
-  float* wsb = ws + ((size_t)b * nq + qh0) * max_splits * part;  // [G][max_splits][hd + 2]
-  for (int i = tid; i < G * hd; i += kThreads) {
-    const int g = i / hd, d = i % hd;
+  // Split record per head: {max, sum, 2 pad, acc[hd4]}, hd4 = hd rounded up to 4, so the merge reads the
+  // accumulators as 16-byte vectors (the padding dims hold zeros: q and V are zero-padded there).
+  const int hd4 = (hd + 3) & ~3;
+  const size_t part = (size_t)hd4 + 4;
+  float* wsb = ws + ((size_t)b * nq + (size_t)kv * G) * max_splits * part;  // [G][max_splits][part]
+  for (int i = tid; i < G * hd4; i += kThreads) {
+    const int g = i / hd4, d = i % hd4;
     float a = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) a += red[(w * kMaxG + g) * HD_MAX + d];
     if (nsplit == 1) {
-      orow[i] = a / l_fin[g];
+      if (d < hd) orow[g * hd + d] = a / l_fin[g];
     } else {
       float* rec = wsb + ((size_t)g * max_splits + split) * part;
-      rec[2 + d] = a;
+      rec[4 + d] = a;
       if (d == 0) {
         rec[0] = m_fin[g];
         rec[1] = l_fin[g];
@@ -339,28 +347,57 @@ __global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
     const int g = warp + kWarps * i;
     if (g < G) {
       const float* base = wsb + (size_t)g * max_splits * part;
-      float M = -INFINITY;
-      for (int s = lane; s < nsplit; s += 32) M = fmaxf(M, __ldcg(base + s * part));
+      constexpr int kPerLane = kMaxSplits / 32;
+      float ms[kPerLane], ls[kPerLane];  // one round of L2 loads for all (max, sum) pairs
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int s = lane + 32 * k;
+        ms[k] = s < nsplit ? __ldcg(base + s * part) : -INFINITY;
+        ls[k] = s < nsplit ? __ldcg(base + s * part + 1) : 0.f;
+      }
+      float M = ms[0];
+#pragma unroll
+      for (int k = 1; k < kPerLane; ++k) M = fmaxf(M, ms[k]);
       M = dec::warp_max(M);
       float L = 0.f;
-      for (int s = lane; s < nsplit; s += 32) {
-        const float c = expf(__ldcg(base + s * part) - M);
-        c_sm[g * kMaxSplits + s] = c;
-        L += c * __ldcg(base + s * part + 1);
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int s = lane + 32 * k;
+        if (s < nsplit) {
+          const float c = expf(ms[k] - M);
+          c_sm[g * kMaxSplits + s] = c;
+          L += c * ls[k];
+        }
       }
       L = dec::warp_sum(L);
       if (lane == 0) l_fin[g] = L;
     }
   }
   __syncthreads();
-  for (int i = tid; i < G * hd; i += kThreads) {
-    const int g = i / hd, d = i % hd;
-    const float* base = wsb + (size_t)g * max_splits * part + 2 + d;
+  // One thread per 4 dims of a head; the loop is unrolled so many 16-byte L2 loads are in flight at once
+  // (the merge is a chain of L2 round trips otherwise).
+  const int nd4 = hd4 / 4;
+  for (int i = tid; i < G * nd4; i += kThreads) {
+    const int g = i / nd4, d = (i % nd4) * 4;
+    const float4* base = reinterpret_cast<const float4*>(wsb + (size_t)g * max_splits * part + 4 + d);
+    const size_t step = part / 4;
     const float* cg = c_sm + g * kMaxSplits;
-    float a = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < nsplit; ++s) a += cg[s] * __ldcg(base + s * part);
-    orow[i] = a / l_fin[g];
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 16
+    for (int s = 0; s < nsplit; ++s) {
+      const float4 v = __ldcg(base + s * step);
+      const float c = cg[s];
+      a.x += c * v.x;
+      a.y += c * v.y;
+      a.z += c * v.z;
+      a.w += c * v.w;
+    }
+    const float L = l_fin[g];
+    float* o = orow + g * hd + d;
+    o[0] = a.x / L;  // d < hd always; the other three may be padding
+    if (d + 1 < hd) o[1] = a.y / L;
+    if (d + 2 < hd) o[2] = a.z / L;
+    if (d + 3 < hd) o[3] = a.w / L;
   }
   if (tid == 0) *counter = 0;
 }
@@ -469,8 +506,8 @@ void attention_decode(const float* qkv, int stride, int B, int nq, int nkv, int 
   if (min_chunk < 1) throw std::invalid_argument("attention_decode: min_chunk must be >= 1");
   if (B == 0) return;
   if (B > 65535) throw std::invalid_argument("attention_decode: at most 65535 rows");
-  if (ws == nullptr || counters == nullptr) {
-    throw std::invalid_argument("attention_decode: needs a workspace and counters");
+  if (ws == nullptr || counters == nullptr || reinterpret_cast<uintptr_t>(ws) % 16) {
+    throw std::invalid_argument("attention_decode: needs a 16-byte aligned workspace and counters");
   }
   if (cache_dtype == kDBF16) {
     dispatch_hd<__nv_bfloat16>(qkv, stride, B, nq, nkv, hd, kcache, vcache, num_slots, max_len, positions, slots,

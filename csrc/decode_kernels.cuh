@@ -42,7 +42,8 @@ void rope_append_batch(float* qkv, int stride, int B, int nq, int nkv, int hd, c
                        void* vcache, int cache_dtype, int num_slots, int max_len, cudaStream_t stream);
 // attention_decode: row b attends over positions [0, positions[b]] of its slot; out [B, nq*hd] fp32.
 // Split-K over min(max_splits, ceil(len / min_chunk)) blocks per (row, kv head), merged by the last block
-// to arrive. ws: B*nq*max_splits*(hd+2) floats; counters: B*nkv ints, zero on entry, left zero on exit.
+// to arrive. ws: B*nq*max_splits*(roundup(hd, 4) + 4) floats (16-byte aligned); counters: B*nkv ints,
+// zero on entry, left zero on exit.
 // A row with a negative position or a slot outside [0, num_slots) gets NaN output.
 void attention_decode(const float* qkv, int stride, int B, int nq, int nkv, int hd, const void* kcache,
                       const void* vcache, int cache_dtype, int num_slots, int max_len, const int32_t* positions,

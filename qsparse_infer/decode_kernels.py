@@ -125,7 +125,7 @@ class AttentionWorkspace:
     max_splits = min(DEFAULT_MAX_SPLITS, ceil(max_len / min_chunk)): for any len <= max_len the plan is
     then min(DEFAULT_MAX_SPLITS, ceil(len / min_chunk)), independent of max_len too."""
 
-    partials: torch.Tensor  # fp32 [max_batch * nq * max_splits * (hd + 2)]
+    partials: torch.Tensor  # fp32 [max_batch * nq * max_splits * record_floats(hd)]
     counters: torch.Tensor  # int32 [max_batch * nkv]
     max_batch: int
     nq: int
@@ -133,6 +133,11 @@ class AttentionWorkspace:
     hd: int
     max_splits: int
     min_chunk: int
+
+    @staticmethod
+    def record_floats(hd: int) -> int:
+        """One split's record per head: max, sum, 2 pad, acc[hd rounded up to 4] (16-byte vector reads)."""
+        return -(-hd // 4) * 4 + 4
 
     @classmethod
     def create(cls, max_batch: int, nq: int, nkv: int, hd: int, max_len: int,
@@ -146,7 +151,8 @@ class AttentionWorkspace:
             max_splits = min(DEFAULT_MAX_SPLITS, -(-max_len // min_chunk))
         if not isinstance(max_splits, int) or not 1 <= max_splits <= MAX_SPLITS_LIMIT:
             raise ValueError(f"max_splits must be an int in [1, {MAX_SPLITS_LIMIT}], got {max_splits!r}")
-        partials = torch.empty(max_batch * nq * max_splits * (hd + 2), dtype=torch.float32, device=device)
+        partials = torch.empty(max_batch * nq * max_splits * cls.record_floats(hd), dtype=torch.float32,
+                               device=device)
         counters = torch.zeros(max_batch * nkv, dtype=torch.int32, device=device)
         return cls(partials, counters, max_batch, nq, nkv, hd, max_splits, min_chunk)
 
@@ -228,8 +234,10 @@ def attention_decode(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: tor
     if b > ws.max_batch:
         raise ValueError(f"batch of {b} rows exceeds the workspace's max_batch {ws.max_batch}")
     _check(ws.partials, "workspace.partials", (torch.float32,), 1)
+    if ws.partials.data_ptr() % 16:
+        raise ValueError("workspace.partials must be 16-byte aligned")
     _check(ws.counters, "workspace.counters", (torch.int32,), 1)
-    if (ws.partials.numel() < ws.max_batch * nq * ws.max_splits * (hd + 2)
+    if (ws.partials.numel() < ws.max_batch * nq * ws.max_splits * ws.record_floats(hd)
             or ws.counters.numel() < ws.max_batch * nkv):
         raise ValueError("workspace buffers are smaller than its parameters say")
     if ws.partials.device != qkv.device or ws.counters.device != qkv.device:

@@ -10,7 +10,8 @@ from qsparse_infer import decode_kernels as dk
 def test_default_split_cap_and_sizes():
     ws = dk.AttentionWorkspace.create(3, 20, 5, 128, 16384, "cpu")
     assert (ws.max_splits, ws.min_chunk) == (dk.DEFAULT_MAX_SPLITS, dk.DEFAULT_MIN_CHUNK)
-    assert ws.partials.numel() == 3 * 20 * ws.max_splits * 130 and ws.counters.numel() == 3 * 5
+    assert ws.partials.numel() == 3 * 20 * ws.max_splits * 132 and ws.counters.numel() == 3 * 5
+    assert ws.record_floats(34) == 40  # max, sum, 2 pad, 36 (34 rounded up to 4)
     assert int(ws.counters.abs().sum()) == 0  # the kernel relies on zero counters between launches
     # short caches need fewer splits: ceil(max_len / min_chunk), which never changes a row's plan
     assert dk.AttentionWorkspace.create(1, 20, 5, 128, 100, "cpu").max_splits == 2

@@ -1,4 +1,5 @@
-"""Each decoder kernel against a torch reference (the batched decode attention: test_attention_gpu.py) on the GPU: odd sizes, poisoned outputs, stated tolerances.
+"""Each decoder kernel against a torch reference on the GPU: odd sizes, poisoned outputs, stated tolerances.
+(The batched decode attention and rope_append_batch: test_attention_gpu.py.)
 
 Tolerances: embedding and RoPE are exact (same fp32 operations as the reference); RMSNorm, attention and
 the LM head are fp32 reductions in a different order: relative error (||out - ref|| / ||ref||, reference
