@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
-# Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels e2e
+# Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels attention e2e
 #   (serving work: serving batched_linear batched_decode)
 # Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
@@ -57,6 +57,8 @@ for what in "$@"; do
     batched_decode)
       timeout 540 python3 "$SRC/bench/batched_decode.py" --batches 1,16,64 --sparsity 0,0.6 --torch \
         --json "$OUT/batched-decode.json" 2>&1 | tee "$OUT/batched-decode.log" | tail -20 ;;
+    attention)
+      timeout 300 python3 "$SRC/bench/attention.py" --sweep --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
   esac
   echo "== $what done at $(( $(date +%s) - t0 )) s"
 done

@@ -2,6 +2,8 @@
 // torch.cuda.current_stream().cuda_stream); qsparse_infer/decode_kernels.py validates tensors first.
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
+
 #include "common.cuh"
 #include "decode_kernels.cuh"
 
@@ -44,14 +46,40 @@ void register_decode(py::module_& m) {
   m.def(
       "attention",
       [](uintptr_t qkv, int stride, int T, int nq, int nkv, int hd, uintptr_t kc, uintptr_t vc, int cache_dtype,
-         int max_len, uintptr_t start, uintptr_t out, int nsplit, uintptr_t ws, uintptr_t counters,
-         uintptr_t stream) {
+         int max_len, uintptr_t start, uintptr_t out, uintptr_t stream) {
         require_gpu();
         attention(p<const float>(qkv), stride, T, nq, nkv, hd, p<const void>(kc), p<const void>(vc), cache_dtype,
-                  max_len, p<const int32_t>(start), p<float>(out), nsplit, p<float>(ws), p<int>(counters),
-                  as_stream(stream));
+                  max_len, p<const int32_t>(start), p<float>(out), as_stream(stream));
       },
-      "causal GQA attention over the KV cache (split over blocks when nsplit > 1)");
+      "causal GQA attention of T query tokens over the KV cache (prefill)");
+  m.def(
+      "rope_append_batch",
+      [](uintptr_t qkv, int stride, int B, int nq, int nkv, int hd, uintptr_t cos_t, uintptr_t sin_t,
+         uintptr_t positions, uintptr_t slots, uintptr_t kc, uintptr_t vc, int cache_dtype, int num_slots,
+         int max_len, uintptr_t stream) {
+        require_gpu();
+        if (B > 0 && (!qkv || !cos_t || !sin_t || !positions || !slots || !kc || !vc)) {
+          throw std::invalid_argument("rope_append_batch: null device pointer");
+        }
+        rope_append_batch(p<float>(qkv), stride, B, nq, nkv, hd, p<const float>(cos_t), p<const float>(sin_t),
+                          p<const int32_t>(positions), p<const int32_t>(slots), p<void>(kc), p<void>(vc),
+                          cache_dtype, num_slots, max_len, as_stream(stream));
+      },
+      "row b: rotate q in place, write rotated k and v into cache slot slots[b] at positions[b]");
+  m.def(
+      "attention_decode",
+      [](uintptr_t qkv, int stride, int B, int nq, int nkv, int hd, uintptr_t kc, uintptr_t vc, int cache_dtype,
+         int num_slots, int max_len, uintptr_t positions, uintptr_t slots, uintptr_t out, uintptr_t ws,
+         uintptr_t counters, int max_splits, int min_chunk, uintptr_t stream) {
+        require_gpu();
+        if (B > 0 && (!qkv || !kc || !vc || !positions || !slots || !out)) {
+          throw std::invalid_argument("attention_decode: null device pointer");
+        }
+        attention_decode(p<const float>(qkv), stride, B, nq, nkv, hd, p<const void>(kc), p<const void>(vc),
+                         cache_dtype, num_slots, max_len, p<const int32_t>(positions), p<const int32_t>(slots),
+                         p<float>(out), p<float>(ws), p<int>(counters), max_splits, min_chunk, as_stream(stream));
+      },
+      "batched split-K decode attention: row b over positions [0, positions[b]] of cache slot slots[b]");
   m.def(
       "lm_head",
       [](uintptr_t x, uintptr_t norm_w, float eps, uintptr_t W, int wdtype, int T, int V, int H, uintptr_t logits,

@@ -1,12 +1,10 @@
-// GQA attention over the KV cache: one kernel for decode (T = 1, split over blocks) and causal prefill.
+// Causal GQA attention over the KV cache for prefill (T query tokens of one sequence). One-token decode
+// uses the batched split-K kernel in decode_attention_batch.cu instead.
 //
-// Block = 4 warps for one (split, kv head, query token). The G = nq/nkv query heads sharing that kv head
+// Block = 4 warps for one (kv head, query token). The G = nq/nkv query heads sharing that kv head
 // are handled together, so every K/V row is read once per block. A warp takes one position at a time:
 // its lanes hold hd/32 channels of K and V, the dot product is a warp reduction, and each warp keeps an
-// online softmax (max m, sum l, acc) per head. The 4 warps merge through shared memory. With nsplit > 1
-// the filled positions [0, len) are divided evenly over min(nsplit, ceil(len / 32)) blocks (len read from the device, so a
-// graph replay sees the current length); each writes (m, l, acc) to the workspace and the last block to
-// arrive (atomic counter) merges them in a fixed order, then resets the counter for the next launch.
+// online softmax (max m, sum l, acc) per head. The 4 warps merge through shared memory.
 #include <cmath>
 
 #include "decode_common.cuh"
@@ -16,22 +14,16 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kMaxG = 8;
-// Fewest positions a split handles: below this, the merge costs more than the parallelism gains.
-constexpr int kMinChunk = 16;
-constexpr int kPosInFlight = 4;  // = kMinChunk / kWarps: a minimal split is one batch of loads per warp
+constexpr int kPosInFlight = 4;  // positions whose K/V rows a warp loads before using any
 
 template <typename C, int EPL>
-__global__ void __launch_bounds__(kWarps * 32) attention_kernel(
+__global__ void __launch_bounds__(kWarps * 32, 4) attention_kernel(
     const float* __restrict__ qkv, int stride, int nq, int nkv, int hd, const C* __restrict__ kc,
-    const C* __restrict__ vc, int max_len, const int32_t* __restrict__ start, float* __restrict__ out, int nsplit,
-    float* ws, int* counters, float scale) {
-  const int split = blockIdx.x, g = blockIdx.y, t = blockIdx.z;
+    const C* __restrict__ vc, int max_len, const int32_t* __restrict__ start, float* __restrict__ out,
+    float scale) {
+  const int g = blockIdx.y, t = blockIdx.z;
   const int G = nq / nkv;
-  const int len = min(*start + t + 1, max_len);
-  // Splits actually used for this length (the rest only check in at the counter).
-  const int eff = nsplit == 1 ? 1 : min(nsplit, (len + kMinChunk - 1) / kMinChunk);
-  const int chunk = (len + eff - 1) / eff;
-  const int p0 = split * chunk, p1 = min(len, p0 + chunk);
+  const int p0 = 0, p1 = min(*start + t + 1, max_len);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
   extern __shared__ float smem[];
@@ -108,7 +100,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(
   }
   __syncthreads();
 
-  for (int idx = threadIdx.x; idx < G * hd && split < eff; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < G * hd; idx += blockDim.x) {
     const int h = idx / hd, d = idx % hd;
     float M = -INFINITY;
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wm[w * G + h]);
@@ -122,96 +114,50 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(
         A += wacc[(w * G + h) * hd + d] * c;
       }
     }
-    const int qh = g * G + h;
-    if (nsplit == 1) {
-      out[(size_t)t * nq * hd + (size_t)qh * hd + d] = L > 0.f ? A / L : 0.f;
-    } else {
-      float* pb = ws + ((size_t)qh * nsplit + split) * (hd + 2);
-      pb[2 + d] = A;
-      if (d == 0) {
-        pb[0] = M;
-        pb[1] = L;
-      }
-    }
+    out[(size_t)t * nq * hd + (size_t)(g * G + h) * hd + d] = L > 0.f ? A / L : 0.f;
   }
-  if (nsplit == 1) return;
-
-  // Last block of this kv head merges all splits (fixed order: deterministic whichever block is last).
-  __shared__ int is_last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(&counters[g], 1) == nsplit - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  for (int idx = threadIdx.x; idx < G * hd; idx += blockDim.x) {
-    const int h = idx / hd, d = idx % hd;
-    const int qh = g * G + h;
-    const float* base = ws + (size_t)qh * nsplit * (hd + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < eff; ++s) M = fmaxf(M, __ldcg(base + (size_t)s * (hd + 2)));
-    float L = 0.f, A = 0.f;
-    for (int s = 0; s < eff; ++s) {
-      const float* pb = base + (size_t)s * (hd + 2);
-      const float ms = __ldcg(pb);
-      if (ms == -INFINITY) continue;
-      const float c = expf(ms - M);
-      L += __ldcg(pb + 1) * c;
-      A += __ldcg(pb + 2 + d) * c;
-    }
-    out[(size_t)qh * hd + d] = L > 0.f ? A / L : 0.f;
-  }
-  if (threadIdx.x == 0) counters[g] = 0;
 }
 
 template <typename C, int EPL>
 void launch(const float* qkv, int stride, int T, int nq, int nkv, int hd, const void* kc, const void* vc,
-            int max_len, const int32_t* start, float* out, int nsplit, float* ws, int* counters,
-            cudaStream_t stream) {
+            int max_len, const int32_t* start, float* out, cudaStream_t stream) {
   const int G = nq / nkv;
   const size_t smem = sizeof(float) * ((size_t)G * hd + 2 * kWarps * G + (size_t)kWarps * G * hd);
   auto kern = attention_kernel<C, EPL>;
   if (smem > 48 * 1024) {
     QS_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   }
-  dim3 grid(nsplit, nkv, T);
+  dim3 grid(1, nkv, T);
   kern<<<grid, kWarps * 32, smem, stream>>>(qkv, stride, nq, nkv, hd, (const C*)kc, (const C*)vc, max_len, start,
-                                            out, nsplit, ws, counters, 1.0f / sqrtf((float)hd));
+                                            out, 1.0f / sqrtf((float)hd));
   QS_LAUNCH_CHECK("attention_kernel");
 }
 
 template <typename C>
 void dispatch_hd(const float* qkv, int stride, int T, int nq, int nkv, int hd, const void* kc, const void* vc,
-                 int max_len, const int32_t* start, float* out, int nsplit, float* ws, int* counters,
-                 cudaStream_t stream) {
+                 int max_len, const int32_t* start, float* out, cudaStream_t stream) {
   if (hd <= 32) {
-    launch<C, 1>(qkv, stride, T, nq, nkv, hd, kc, vc, max_len, start, out, nsplit, ws, counters, stream);
+    launch<C, 1>(qkv, stride, T, nq, nkv, hd, kc, vc, max_len, start, out, stream);
   } else if (hd <= 64) {
-    launch<C, 2>(qkv, stride, T, nq, nkv, hd, kc, vc, max_len, start, out, nsplit, ws, counters, stream);
+    launch<C, 2>(qkv, stride, T, nq, nkv, hd, kc, vc, max_len, start, out, stream);
   } else {
-    launch<C, 4>(qkv, stride, T, nq, nkv, hd, kc, vc, max_len, start, out, nsplit, ws, counters, stream);
+    launch<C, 4>(qkv, stride, T, nq, nkv, hd, kc, vc, max_len, start, out, stream);
   }
 }
 
 }  // namespace
 
 void attention(const float* qkv, int stride, int T, int nq, int nkv, int hd, const void* kcache,
-               const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out, int nsplit,
-               float* ws, int* counters, cudaStream_t stream) {
+               const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out,
+               cudaStream_t stream) {
   if (T <= 0) return;
   if (nkv <= 0 || nq % nkv) throw std::invalid_argument("attention: num_heads must be a multiple of num_kv_heads");
   if (nq / nkv > kMaxG) throw std::invalid_argument("attention: at most 8 query heads per kv head are supported");
   if (hd > 128) throw std::invalid_argument("attention: head_dim > 128 is not supported");
-  if (nsplit < 1) throw std::invalid_argument("attention: nsplit must be >= 1");
-  if (nsplit > 1 && (T != 1 || ws == nullptr || counters == nullptr)) {
-    throw std::invalid_argument("attention: split-K needs T == 1, a workspace and counters");
-  }
   if (cache_dtype == kDBF16) {
-    dispatch_hd<__nv_bfloat16>(qkv, stride, T, nq, nkv, hd, kcache, vcache, max_len, start, out, nsplit, ws,
-                               counters, stream);
+    dispatch_hd<__nv_bfloat16>(qkv, stride, T, nq, nkv, hd, kcache, vcache, max_len, start, out, stream);
   } else if (cache_dtype == kDF32) {
-    dispatch_hd<float>(qkv, stride, T, nq, nkv, hd, kcache, vcache, max_len, start, out, nsplit, ws, counters,
-                       stream);
+    dispatch_hd<float>(qkv, stride, T, nq, nkv, hd, kcache, vcache, max_len, start, out, stream);
   } else {
     throw std::invalid_argument("attention: KV cache must be float32 or bfloat16");
   }

@@ -2,6 +2,7 @@
 #include <cmath>
 
 #include "decode_common.cuh"
+#include "decode_rope.cuh"
 
 namespace qsparse {
 namespace {
@@ -35,31 +36,11 @@ template <typename C>
 __global__ void rope_append_kernel(float* qkv, int stride, int nq, int nkv, int hd, const float* __restrict__ cos_t,
                                    const float* __restrict__ sin_t, const int32_t* __restrict__ start,
                                    C* __restrict__ kc, C* __restrict__ vc, int max_len) {
-  const int t = blockIdx.y, head = blockIdx.x, half = hd / 2;
+  const int t = blockIdx.y, half = hd / 2;
   const int pos = *start + t;
   if (pos >= max_len) return;  // the host never lets this happen; stay in bounds regardless
-  float* row = qkv + (size_t)t * stride + (size_t)head * hd;
-  const float* c = cos_t + (size_t)pos * half;
-  const float* s = sin_t + (size_t)pos * half;
-  if (head < nq + nkv) {
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-      const float x0 = row[i], x1 = row[i + half];
-      // Exactly the reference's x*cos + rotate_half(x)*sin, two products then a sum, no FMA contraction.
-      const float y0 = __fadd_rn(__fmul_rn(x0, c[i]), __fmul_rn(-x1, s[i]));
-      const float y1 = __fadd_rn(__fmul_rn(x1, c[i]), __fmul_rn(x0, s[i]));
-      if (head < nq) {
-        row[i] = y0;
-        row[i + half] = y1;
-      } else {
-        C* dst = kc + ((size_t)(head - nq) * max_len + pos) * hd;
-        dst[i] = dec::from_f<C>(y0);
-        dst[i + half] = dec::from_f<C>(y1);
-      }
-    }
-  } else {
-    C* dst = vc + ((size_t)(head - nq - nkv) * max_len + pos) * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = dec::from_f<C>(row[i]);
-  }
+  dec::rope_append_head<C>(qkv + (size_t)t * stride, blockIdx.x, nq, nkv, hd, cos_t + (size_t)pos * half,
+                           sin_t + (size_t)pos * half, kc, vc, max_len, pos);
 }
 
 }  // namespace

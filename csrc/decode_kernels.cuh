@@ -1,5 +1,5 @@
-// Decoder kernels: embedding gather, RMSNorm, RoPE + KV append, attention (decode split-K and causal
-// prefill), LM head GEMV, GPU sampling. Framework-free: raw device pointers and a cudaStream_t.
+// Decoder kernels: embedding gather, RMSNorm, RoPE + KV append, attention (causal prefill; batched
+// split-K decode), LM head GEMV, GPU sampling. Framework-free: raw device pointers and a cudaStream_t.
 // Every position-dependent kernel reads the position from a device buffer so a captured CUDA graph
 // replays correctly step after step.
 #pragma once
@@ -28,14 +28,27 @@ void rope_append(float* qkv, int stride, int T, int nq, int nkv, int hd, const f
                  const int32_t* start, void* kcache, void* vcache, int cache_dtype, int max_len,
                  cudaStream_t stream);
 
-// Causal GQA attention for T queries at positions *start + t (query t sees keys 0 .. *start + t).
-// q: rows of qkv (stride), already rotated. out [T, nq*hd] fp32.
-// nsplit > 1 (T == 1 only): the filled positions are divided evenly over nsplit blocks per kv head; the
-// last block to finish combines the partials (workspace ws: nsplit*nq*(hd+2) floats; counters: nkv ints,
-// zero on entry, left zero on exit).
+// Causal GQA attention for T queries at positions *start + t (query t sees keys 0 .. *start + t), one
+// block per (kv head, query): the prefill path. q: rows of qkv (stride), already rotated. out [T, nq*hd].
 void attention(const float* qkv, int stride, int T, int nq, int nkv, int hd, const void* kcache,
-               const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out, int nsplit,
-               float* ws, int* counters, cudaStream_t stream);
+               const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out,
+               cudaStream_t stream);
+
+// Batched decode (csrc/decode_attention_batch.cu). Caches [num_slots, nkv, max_len, hd]; row b of qkv
+// [B, stride] is at position positions[b] of cache slot slots[b] (both int32 on the device).
+// rope_append_batch: rotate q of row b in place, write rotated k and v at (slots[b], positions[b]).
+void rope_append_batch(float* qkv, int stride, int B, int nq, int nkv, int hd, const float* cos_t,
+                       const float* sin_t, const int32_t* positions, const int32_t* slots, void* kcache,
+                       void* vcache, int cache_dtype, int num_slots, int max_len, cudaStream_t stream);
+// attention_decode: row b attends over positions [0, positions[b]] of its slot; out [B, nq*hd] fp32.
+// Split-K over min(max_splits, ceil(len / min_chunk)) blocks per (row, kv head), merged by the last block
+// to arrive. ws: B*nq*max_splits*(roundup(hd, 4) + 4) floats (16-byte aligned); counters: B*nkv ints,
+// zero on entry, left zero on exit.
+// A row with a negative position or a slot outside [0, num_slots) gets NaN output.
+void attention_decode(const float* qkv, int stride, int B, int nq, int nkv, int hd, const void* kcache,
+                      const void* vcache, int cache_dtype, int num_slots, int max_len, const int32_t* positions,
+                      const int32_t* slots, float* out, float* ws, int* counters, int max_splits, int min_chunk,
+                      cudaStream_t stream);
 
 // logits[t, v] = sum_h xn[t, h] * W[v, h], with xn = RMSNorm(x) * norm_w when norm_w != nullptr, else x.
 // W [V, H] bf16/fp16/fp32; fp32 accumulation. Up to 16 rows share one pass over W (batched decode); a

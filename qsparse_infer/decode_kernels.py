@@ -3,6 +3,8 @@ the current CUDA stream to _C. They allocate nothing unless `out` is omitted, an
 sequence of calls can be captured in a CUDA graph (the kernels read positions from device buffers)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._ext import ext
@@ -88,11 +90,9 @@ def rope_append(qkv: torch.Tensor, nq: int, nkv: int, hd: int, cos_t: torch.Tens
 
 
 def attention(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              start: torch.Tensor, out: torch.Tensor | None = None, nsplit: int = 1,
-              workspace: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+              start: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the T query rows of qkv (rotated q first) over the cache, query t at position
-    start[0] + t. Returns fp32 [T, nq*hd]. nsplit > 1 (T == 1) needs workspace (>= nsplit*nq*(hd+2) fp32)
-    and counters (int32 [nkv], zero)."""
+    start[0] + t (the prefill path; one-token decode uses attention_decode). Returns fp32 [T, nq*hd]."""
     _check(qkv, "qkv", (torch.float32,), 2)
     max_len = _check_cache(k_cache, v_cache, nkv, hd)
     _check(start, "start", (torch.int32,), 1)
@@ -102,18 +102,155 @@ def attention(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: torch.Tens
     _check(out, "out", (torch.float32,), 2)
     if tuple(out.shape) != (t, nq * hd):
         raise ValueError(f"out must be [{t}, {nq * hd}], got {tuple(out.shape)}")
-    ws_ptr = cnt_ptr = 0
-    if nsplit > 1:
-        if workspace is None or counters is None:
-            raise ValueError("nsplit > 1 needs a workspace and counters")
-        _check(workspace, "workspace", (torch.float32,))
-        _check(counters, "counters", (torch.int32,), 1)
-        if workspace.numel() < nsplit * nq * (hd + 2) or counters.numel() < nkv:
-            raise ValueError("workspace or counters too small for nsplit")
-        ws_ptr, cnt_ptr = workspace.data_ptr(), counters.data_ptr()
     ext().attention(qkv.data_ptr(), qkv.shape[1], t, nq, nkv, hd, k_cache.data_ptr(), v_cache.data_ptr(),
-                    DTYPE_CODE[k_cache.dtype], max_len, start.data_ptr(), out.data_ptr(), int(nsplit), ws_ptr,
-                    cnt_ptr, _stream())
+                    DTYPE_CODE[k_cache.dtype], max_len, start.data_ptr(), out.data_ptr(), _stream())
+    return out
+
+
+# Split plan of attention_decode: a row of len positions uses min(max_splits, ceil(len / min_chunk)) blocks
+# per kv head. DEFAULT_MAX_SPLITS caps the merge (the last block reads every split's record).
+DEFAULT_MIN_CHUNK = 64
+DEFAULT_MAX_SPLITS = 64
+MAX_SPLITS_LIMIT = 128  # the kernel's bound
+
+
+@dataclass
+class AttentionWorkspace:
+    """Scratch of attention_decode for up to max_batch rows: per-split partial results and one arrival
+    counter per (row, kv head), zero between launches (the merging block resets it). One workspace serves
+    one launch at a time (calls on one stream, or one graph).
+
+    The split plan depends only on a row's length, max_splits and min_chunk, so results are bit-identical
+    across batch sizes for workspaces with equal (max_splits, min_chunk). create() picks
+    max_splits = min(DEFAULT_MAX_SPLITS, ceil(max_len / min_chunk)): for any len <= max_len the plan is
+    then min(DEFAULT_MAX_SPLITS, ceil(len / min_chunk)), independent of max_len too."""
+
+    partials: torch.Tensor  # fp32 [max_batch * nq * max_splits * record_floats(hd)]
+    counters: torch.Tensor  # int32 [max_batch * nkv]
+    max_batch: int
+    nq: int
+    nkv: int
+    hd: int
+    max_splits: int
+    min_chunk: int
+
+    @staticmethod
+    def record_floats(hd: int) -> int:
+        """One split's record per head: max, sum, 2 pad, acc[hd rounded up to 4] (16-byte vector reads)."""
+        return -(-hd // 4) * 4 + 4
+
+    @classmethod
+    def create(cls, max_batch: int, nq: int, nkv: int, hd: int, max_len: int,
+               device: str | torch.device = "cuda", *, min_chunk: int = DEFAULT_MIN_CHUNK,
+               max_splits: int | None = None) -> "AttentionWorkspace":
+        for name, v in (("max_batch", max_batch), ("nq", nq), ("nkv", nkv), ("hd", hd), ("max_len", max_len),
+                        ("min_chunk", min_chunk)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if max_splits is None:
+            max_splits = min(DEFAULT_MAX_SPLITS, -(-max_len // min_chunk))
+        if not isinstance(max_splits, int) or not 1 <= max_splits <= MAX_SPLITS_LIMIT:
+            raise ValueError(f"max_splits must be an int in [1, {MAX_SPLITS_LIMIT}], got {max_splits!r}")
+        partials = torch.empty(max_batch * nq * max_splits * cls.record_floats(hd), dtype=torch.float32,
+                               device=device)
+        counters = torch.zeros(max_batch * nkv, dtype=torch.int32, device=device)
+        return cls(partials, counters, max_batch, nq, nkv, hd, max_splits, min_chunk)
+
+
+def _check_slot_cache(kc: torch.Tensor, vc: torch.Tensor, nkv: int, hd: int) -> tuple[int, int]:
+    """Caches [S, nkv, max_len, hd] (or one sequence's [nkv, max_len, hd]) -> (S, max_len)."""
+    for name, c in (("k_cache", kc), ("v_cache", vc)):
+        _check(c, name, (torch.float32, torch.bfloat16))
+        if c.dim() not in (3, 4):
+            raise ValueError(f"{name} must be [slots, {nkv}, max_len, {hd}] or [{nkv}, max_len, {hd}], "
+                             f"got {tuple(c.shape)}")
+    if kc.shape != vc.shape or kc.dtype != vc.dtype or kc.device != vc.device:
+        raise ValueError("k_cache and v_cache must have the same shape, dtype and device")
+    shape = tuple(kc.shape) if kc.dim() == 4 else (1, *kc.shape)
+    if shape[1] != nkv or shape[3] != hd or shape[0] < 1 or shape[2] < 1:
+        raise ValueError(f"cache must be [slots, {nkv}, max_len, {hd}], got {tuple(kc.shape)}")
+    return shape[0], shape[2]
+
+
+def _check_rows(qkv: torch.Tensor, nq: int, nkv: int, hd: int, positions: torch.Tensor, slots: torch.Tensor,
+                cache: torch.Tensor) -> int:
+    for name, v in (("nq", nq), ("nkv", nkv), ("hd", hd)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if nq % nkv or nq // nkv > 8 or hd > 128:
+        raise ValueError(f"need nq a multiple of nkv with nq/nkv <= 8 and hd <= 128 (nq={nq}, nkv={nkv}, hd={hd})")
+    _check(qkv, "qkv", (torch.float32,), 2)
+    b = qkv.shape[0]
+    if qkv.shape[1] < (nq + 2 * nkv) * hd:
+        raise ValueError(f"qkv rows have {qkv.shape[1]} values, need {(nq + 2 * nkv) * hd}")
+    for name, t in (("positions", positions), ("slots", slots)):
+        _check(t, name, (torch.int32,), 1)
+        if t.shape[0] != b:
+            raise ValueError(f"{name} must have one entry per qkv row ({b}), got {t.shape[0]}")
+    for name, t in (("positions", positions), ("slots", slots), ("k_cache", cache)):
+        if t.device != qkv.device:
+            raise ValueError(f"{name} is on {t.device}, qkv on {qkv.device}")
+    return b
+
+
+def rope_append_batch(qkv: torch.Tensor, nq: int, nkv: int, hd: int, cos_t: torch.Tensor, sin_t: torch.Tensor,
+                      positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slots: torch.Tensor) -> None:
+    """qkv [B, >= (nq + 2 nkv) hd] fp32, row b at position positions[b] of cache slot slots[b] (int32 [B] on
+    the device): rotate q in place, write rotated k and raw v into the caches [S, nkv, max_len, hd] (or
+    [nkv, max_len, hd] = one slot) at (slots[b], :, positions[b]). Same fp32 operations as rope_append.
+    Rows whose position or slot is out of range (device values, not checked here: that would sync) are
+    skipped."""
+    num_slots, max_len = _check_slot_cache(k_cache, v_cache, nkv, hd)
+    b = _check_rows(qkv, nq, nkv, hd, positions, slots, k_cache)
+    if hd % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {hd}")
+    for name, tab in (("cos_t", cos_t), ("sin_t", sin_t)):
+        _check(tab, name, (torch.float32,), 2)
+        if tab.shape[0] < max_len or tab.shape[1] != hd // 2:
+            raise ValueError(f"{name} must be [>= {max_len}, {hd // 2}], got {tuple(tab.shape)}")
+        if tab.device != qkv.device:
+            raise ValueError(f"{name} is on {tab.device}, qkv on {qkv.device}")
+    ext().rope_append_batch(qkv.data_ptr(), qkv.shape[1], b, nq, nkv, hd, cos_t.data_ptr(), sin_t.data_ptr(),
+                            positions.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                            DTYPE_CODE[k_cache.dtype], num_slots, max_len, _stream())
+
+
+def attention_decode(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     positions: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None,
+                     workspace: AttentionWorkspace) -> torch.Tensor:
+    """Batched decode attention: row b's query heads (rotated q at the start of qkv row b) attend over
+    positions [0, positions[b]] of cache slot slots[b] (inclusive: the token was just appended). Caches
+    [S, nkv, max_len, hd] (or [nkv, max_len, hd]) fp32/bf16. Returns fp32 out [B, nq*hd]. A row whose
+    position is negative or whose slot is out of range gets NaN (device values are not checked here);
+    positions past the cache are clamped to max_len - 1."""
+    num_slots, max_len = _check_slot_cache(k_cache, v_cache, nkv, hd)
+    b = _check_rows(qkv, nq, nkv, hd, positions, slots, k_cache)
+    if not isinstance(workspace, AttentionWorkspace):
+        raise TypeError(f"workspace must be an AttentionWorkspace, got {type(workspace).__name__}")
+    ws = workspace
+    if (ws.nq, ws.nkv, ws.hd) != (nq, nkv, hd):
+        raise ValueError(f"workspace is for (nq, nkv, hd) = {(ws.nq, ws.nkv, ws.hd)}, got {(nq, nkv, hd)}")
+    if b > ws.max_batch:
+        raise ValueError(f"batch of {b} rows exceeds the workspace's max_batch {ws.max_batch}")
+    _check(ws.partials, "workspace.partials", (torch.float32,), 1)
+    if ws.partials.data_ptr() % 16:
+        raise ValueError("workspace.partials must be 16-byte aligned")
+    _check(ws.counters, "workspace.counters", (torch.int32,), 1)
+    if (ws.partials.numel() < ws.max_batch * nq * ws.max_splits * ws.record_floats(hd)
+            or ws.counters.numel() < ws.max_batch * nkv):
+        raise ValueError("workspace buffers are smaller than its parameters say")
+    if ws.partials.device != qkv.device or ws.counters.device != qkv.device:
+        raise ValueError(f"workspace is on {ws.partials.device}, qkv on {qkv.device}")
+    if out is None:
+        out = torch.empty((b, nq * hd), dtype=torch.float32, device=qkv.device)
+    _check(out, "out", (torch.float32,), 2)
+    if tuple(out.shape) != (b, nq * hd) or out.device != qkv.device:
+        raise ValueError(f"out must be [{b}, {nq * hd}] on {qkv.device}, got {tuple(out.shape)} on {out.device}")
+    ext().attention_decode(qkv.data_ptr(), qkv.shape[1], b, nq, nkv, hd, k_cache.data_ptr(), v_cache.data_ptr(),
+                           DTYPE_CODE[k_cache.dtype], num_slots, max_len, positions.data_ptr(), slots.data_ptr(),
+                           out.data_ptr(), ws.partials.data_ptr(), ws.counters.data_ptr(), ws.max_splits,
+                           ws.min_chunk, _stream())
     return out
 
 

@@ -4,7 +4,8 @@ captured in one CUDA graph.
 Decode step (one token, all through our kernels; position, token and RNG step live in device buffers so
 the captured graph replays step after step without any host work per layer):
   embedding -> per layer:
-    ternary_linear(qkv, fused input RMSNorm) -> RoPE + KV append -> attention (split over blocks)
+    ternary_linear(qkv, fused input RMSNorm) -> RoPE + KV append -> attention (batched split-K decode
+    kernel with B = 1, slot 0; prefill uses the causal kernel)
     -> ternary_linear(o, fused attn sub-norm, + residual)
     -> ternary_linear(gate_up, fused post-attention RMSNorm, GLU)
     -> ternary_linear(down, fused FFN sub-norm, + residual)
@@ -121,10 +122,9 @@ class GpuModel:
         self.mlp = torch.zeros(1, cfg.intermediate_size, dtype=f32, device=dev)
         self.normed = torch.zeros(1, cfg.hidden_size, dtype=f32, device=dev)
         self.logits_buf = torch.zeros(1, cfg.vocab_size, dtype=f32, device=dev)
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        self.nsplit = max(1, min(64, (2 * sms) // cfg.num_kv_heads))
-        self.attn_ws = torch.zeros(self.nsplit * cfg.num_heads * (cfg.head_dim + 2), dtype=f32, device=dev)
-        self.attn_counters = torch.zeros(cfg.num_kv_heads, dtype=i32, device=dev)
+        self.attn_ws = dk.AttentionWorkspace.create(1, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.max_len,
+                                                    dev)
+        self.slot0 = torch.zeros(1, dtype=i32, device=dev)  # the decode step's one row lives in cache slot 0
         self.buffer_bytes = torch.cuda.memory_allocated(dev) - before - self.kv_bytes
         self.length = 0  # host mirror of pos: positions filled in the KV cache
 
@@ -152,15 +152,20 @@ class GpuModel:
     # -- the forward pieces ---------------------------------------------------------------------
 
     def _layers(self, h: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor,
-                nsplit: int) -> None:
+                decode: bool) -> None:
+        """decode: one token at self.pos through the batched decode kernels (B = 1, the layer's cache is
+        slot 0 of a one-slot cache); else T prompt tokens from self.pos through the prefill kernels."""
         cfg = self.cfg
         nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
         def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
             kc, vc = self.k_cache[i], self.v_cache[i]
-            dk.rope_append(qkv, nq, nkv, hd, self.cos_t, self.sin_t, self.pos, kc, vc)
-            dk.attention(qkv, nq, nkv, hd, kc, vc, self.pos, out=attn, nsplit=nsplit, workspace=self.attn_ws,
-                         counters=self.attn_counters)
+            if decode:
+                dk.rope_append_batch(qkv, nq, nkv, hd, self.cos_t, self.sin_t, self.pos, kc, vc, self.slot0)
+                dk.attention_decode(qkv, nq, nkv, hd, kc, vc, self.pos, self.slot0, attn, self.attn_ws)
+            else:
+                dk.rope_append(qkv, nq, nkv, hd, self.cos_t, self.sin_t, self.pos, kc, vc)
+                dk.attention(qkv, nq, nkv, hd, kc, vc, self.pos, out=attn)
 
         run_layers(self.weights, self.topk, h, qkv, attn, mlp, attend, self._linear)
 
@@ -170,7 +175,7 @@ class GpuModel:
 
     def _decode_step(self) -> None:
         dk.embedding(self.embed, self.token, out=self.h)
-        self._layers(self.h, self.qkv, self.attn, self.mlp, self.nsplit)
+        self._layers(self.h, self.qkv, self.attn, self.mlp, decode=True)
         self._head(self.h, self.logits_buf)
         dk.sample(self.logits_buf, self.seen, self.fparams, self.iparams, self.rng, self.pos, self.token,
                   self.history, advance=1)
@@ -182,7 +187,7 @@ class GpuModel:
         qkv = torch.empty(t, cfg.q_size + 2 * cfg.kv_size, dtype=torch.float32, device=self.device)
         attn = torch.empty(t, cfg.q_size, dtype=torch.float32, device=self.device)
         mlp = torch.empty(t, cfg.intermediate_size, dtype=torch.float32, device=self.device)
-        self._layers(h, qkv, attn, mlp, nsplit=1)
+        self._layers(h, qkv, attn, mlp, decode=False)
         return h
 
     def _capture(self) -> None:

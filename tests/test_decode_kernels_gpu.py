@@ -1,4 +1,5 @@
 """Each decoder kernel against a torch reference on the GPU: odd sizes, poisoned outputs, stated tolerances.
+(The batched decode attention and rope_append_batch: test_attention_gpu.py.)
 
 Tolerances: embedding and RoPE are exact (same fp32 operations as the reference); RMSNorm, attention and
 the LM head are fp32 reductions in a different order: relative error (||out - ref|| / ||ref||, reference
@@ -92,25 +93,6 @@ def _attn_ref(q, kc, vc, start, t):
         sc = torch.einsum("hd,hsd->hs", q[i].double(), k) / math.sqrt(q.shape[-1])
         out.append(torch.einsum("hs,hsd->hd", sc.softmax(-1), v).reshape(-1))
     return torch.stack(out)
-
-
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("nq,nkv,hd", [(8, 2, 64), (5, 5, 40), (20, 5, 128), (6, 3, 17 * 2)])
-def test_attention_decode_split(cache_dtype, nq, nkv, hd):
-    max_len, nsplit = 301, 7
-    g = torch.Generator(device=DEV).manual_seed(4)
-    kc = torch.randn(nkv, max_len, hd, generator=g, device=DEV).to(cache_dtype)
-    vc = torch.randn(nkv, max_len, hd, generator=g, device=DEV).to(cache_dtype)
-    ws = torch.full((nsplit * nq * (hd + 2),), float("nan"), device=DEV)
-    ctr = torch.zeros(nkv, dtype=torch.int32, device=DEV)
-    for length in (1, 31, 32, 33, 100, 250, 301):  # same buffers: the counters must reset themselves
-        qkv = torch.randn(1, (nq + 2 * nkv) * hd, generator=g, device=DEV) * 2
-        st = torch.tensor([length - 1], dtype=torch.int32, device=DEV)
-        out = torch.full((1, nq * hd), float("nan"), device=DEV)
-        dk.attention(qkv, nq, nkv, hd, kc, vc, st, out=out, nsplit=nsplit, workspace=ws, counters=ctr)
-        ref = _attn_ref(qkv[:, :nq * hd].view(1, nq, hd).cpu(), kc.cpu(), vc.cpu(), length - 1, 1)
-        assert rel_err(out, ref) < 1e-5, length
-    assert int(ctr.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
