@@ -24,6 +24,7 @@ import torch
 
 from . import decode_kernels as dk
 from .config import ModelConfig, SparsityConfig, topk_count
+from .head_int8 import Q8, Q8_SCALES
 from .quant import LAYOUT_CONCAT, LAYOUT_INTERLEAVE, topk_mask
 from .reference import rope_cos_sin
 from .sampling import SamplingSettings
@@ -120,7 +121,14 @@ class GpuModel:
             return t[name].to(device=dev, dtype=torch.float32).contiguous()
 
         self.embed = t["embed_tokens"].to(dev).contiguous()
-        self.head = self.embed if cfg.tie_word_embeddings else t["lm_head"].to(dev).contiguous()
+        # The int8 head (head_int8.py) replaces the float head in the step when the file carries one; the
+        # float head is then not uploaded at all unless tied (the embedding lookup needs the table).
+        self.head_q8 = t[Q8].to(dev).contiguous() if Q8 in t else None
+        self.head_q8_scales = t[Q8_SCALES].to(dev, torch.float32).contiguous() if Q8 in t else None
+        if cfg.tie_word_embeddings:
+            self.head = self.embed
+        else:
+            self.head = t["lm_head"].to(dev).contiguous() if self.head_q8 is None else None
         self.final_norm = norm("norm")
         self.layers: list[_Layer] = []
         for i in range(cfg.num_layers):
@@ -135,7 +143,9 @@ class GpuModel:
                 norm(p + "input_norm"), norm(p + "post_attn_norm"),
                 norm(p + "attn_sub_norm") if cfg.attn_sub_norm else None,
                 norm(p + "ffn_sub_norm") if cfg.ffn_sub_norm else None, **groups))
-        held = [self.embed, self.final_norm] + ([] if cfg.tie_word_embeddings else [self.head])
+        held = [self.embed, self.final_norm] + ([] if cfg.tie_word_embeddings or self.head is None else [self.head])
+        if self.head_q8 is not None:
+            held += [self.head_q8, self.head_q8_scales]
         for L in self.layers:
             held += [x for x in (L.input_norm, L.post_norm, L.attn_sub_norm, L.ffn_sub_norm) if x is not None]
             held += [x for g in (L.qkv, L.o, L.gate_up, L.down) for x in (g.packed, g.scales, g.colinfo)]
@@ -143,7 +153,10 @@ class GpuModel:
         # what a decode step must read at S = 0 from weights: packed rows + head (+ one embedding row)
         self.packed_bytes = sum(getattr(L, g).packed.numel() for L in self.layers
                                 for g in ("qkv", "o", "gate_up", "down"))
-        self.head_bytes = self.head.numel() * self.head.element_size()
+        if self.head_q8 is not None:
+            self.head_bytes = self.head_q8.numel() + 4 * self.head_q8_scales.numel()
+        else:
+            self.head_bytes = self.head.numel() * self.head.element_size()
         self.embed_bytes = self.embed.numel() * self.embed.element_size()
 
     def _allocate(self) -> None:
@@ -231,9 +244,16 @@ class GpuModel:
         if self.k_head < self.cfg.hidden_size:  # top-K masked head input (dense, unquantized weights)
             normed = dk.rmsnorm(h, self.final_norm, eps, out=self.normed if h.shape[0] == 1 else None)
             normed.mul_(topk_mask(normed, self.k_head))
-            dk.lm_head(normed, self.head, out=out)
+            self._head_gemv(normed, None, out)
         else:
-            dk.lm_head(h, self.head, norm_weight=self.final_norm, eps=eps, out=out)
+            self._head_gemv(h, self.final_norm, out)
+
+    def _head_gemv(self, x: torch.Tensor, norm_weight: torch.Tensor | None, out: torch.Tensor) -> None:
+        eps = self.cfg.rms_norm_eps
+        if self.head_q8 is not None:
+            dk.lm_head_int8(x, self.head_q8, self.head_q8_scales, norm_weight=norm_weight, eps=eps, out=out)
+        else:
+            dk.lm_head(x, self.head, norm_weight=norm_weight, eps=eps, out=out)
 
     def _decode_step(self) -> None:
         dk.embedding(self.embed, self.token, out=self.h)
