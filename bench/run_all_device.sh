@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
-# Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels e2e
+# Usage, from the repository root on the GPU machine:
+#   bash bench/run_all_device.sh tests sweep diag kernels e2e profile fidelity
 # Logs and results go to $OUT (the device tool brings them back).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -36,6 +37,12 @@ for what in "$@"; do
       grep -E "gemv_kernel|select_kernel|Duration|Stall|Warp Cycles Per Issued|Achieved Occupancy|Registers Per|Memory Throughput" "$OUT/ncu.txt" | head -80 ;;
     kernels)
       timeout 300 python3 "$SRC/bench/kernels.py" --quick --out "$OUT" 2>&1 | tee "$OUT/kernels-bench.log" | grep -v "^wrote" | cut -c1-160 ;;
+    profile)
+      timeout 500 python3 -m qsparse_infer.cli bench --shape 2b4t --sparsity 0,0.6 --lm-head int8 --profile --no-peer \
+        --reps 2 --json "$OUT/e2e-profile.json" 2>&1 | tee "$OUT/profile.log" | tail -80 ;;
+    fidelity)
+      timeout 400 python3 "$SRC/bench/head_fidelity.py" --device cuda --skip-builtin --out "$OUT" 2>&1 \
+        | tee "$OUT/fidelity.log" | tail -30 ;;
     e2e)
       timeout 400 python3 -m qsparse_infer.cli bench --shape 2b4t --sparsity 0,0.4,0.6,0.8 --prompt-len 128 \
         --new-tokens 256 --reps ${REPS:-3} --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | tail -30 ;;
