@@ -110,11 +110,23 @@ void lm_head_int8(const float* x, const float* norm_w, float eps, const int8_t* 
   if (smem > 48 * 1024) {
     QS_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   }
-  int dev = 0, sms = 0, per_sm = 0;
+  // Resident blocks per SM, cached per (device, variant, smem): queried on the first (eager) call, so calls
+  // during CUDA-graph capture make no runtime queries beyond cudaGetDevice.
+  struct Occ {
+    size_t smem = 0;
+    int sms = 0, per_sm = 0;
+  };
+  static Occ cache[64][2];
+  int dev = 0;
   QS_CUDA_CHECK(cudaGetDevice(&dev));
-  QS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  QS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kThreads, smem));
-  if (per_sm < 1) per_sm = 1;
+  Occ& occ = cache[dev & 63][vec ? 1 : 0];
+  if (occ.sms == 0 || occ.smem != smem) {
+    QS_CUDA_CHECK(cudaDeviceGetAttribute(&occ.sms, cudaDevAttrMultiProcessorCount, dev));
+    QS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ.per_sm, kern, kThreads, smem));
+    if (occ.per_sm < 1) occ.per_sm = 1;
+    occ.smem = smem;
+  }
+  const int sms = occ.sms, per_sm = occ.per_sm;
   // A resident persistent grid, sized so every warp gets the same number of row groups (no half-empty
   // last wave): rounds = ceil(groups / resident warps), then just enough warps for that many rounds.
   const int warps_per_block = kThreads / 32;

@@ -3,7 +3,8 @@ GPU kernel mapped to a kind, each kind beside its bytes floor (the bytes it must
 
 Kernels are told apart by substrings of their function name (not the full demangled signature), so renamed or
 new kernels still land in the right kind where the name says what they do; anything unrecognised is listed
-as "other" with its name. The ternary projections are named by launch order within a layer: the decoder
+as "other" with its name, as is every kernel outside our namespace (torch's own, e.g. the top-K mask of the
+head input, which would otherwise match "select"/"topk"-like names). The ternary projections are named by launch order within a layer: the decoder
 calls ternary_linear for qkv, o, gate_up and down in that order (gpu_model._layers), one projection kernel
 each. Eager steps are slower than graph replays by launch gaps, which are not in these kernel times.
 """
@@ -54,6 +55,9 @@ def base_name(kernel: str) -> str:
 
 
 def kernel_kind(kernel: str) -> str:
+    """The kind of one of our kernels (namespace qsparse); every other kernel (torch's, cuBLAS's) is "other"."""
+    if "qsparse" not in kernel:
+        return "other"
     base = base_name(kernel).lower()
     for kind, needles in KIND_PATTERNS:
         if any(n in base for n in needles):

@@ -29,6 +29,8 @@ def test_kinds_match_on_the_function_name():
         f"void {NS}sample_kernel(float const*, int)": "sampling",
         f"void {NS}embedding_kernel<__nv_bfloat16>(__nv_bfloat16 const*, int const*, int, int, float*)": "embedding",
         "void at::native::sort_kernel(float*)": "other",
+        "void at::native::indexSelectLargeIndex<float, long, 2>(float*)": "other",  # not ours: never "selection"
+        "void at::native::rmsnorm_fwd(float*)": "other",
         # argument types never decide the kind
         f"void {NS}mystery_kernel({NS}AttentionArgs, {NS}RmsNormArgs)": "other",
     }
