@@ -151,7 +151,8 @@ def bench_shape(name: str, d: int, segs: list[int], glu: str | None, ceiling_gbp
             "us_torch_topk_gather": round(tg_us, 3),
         }
         rows.append(row)
-        print(f"{row['shape']:<26} S={s:.1f} {us:8.2f} us {gbps:8.1f} GB/s ({row['pct_of_streaming']:5.1f}% of streaming) "
+        print(f"{row['shape']:<26} S={s:.1f} {us:8.2f} us {gbps:8.1f} GB/s "
+              f"({row['pct_of_streaming']:5.1f}% of streaming) "
               f"dense-ternary x{row['speedup_vs_dense_ternary']:.2f} torch-bf16 x{row['speedup_vs_torch_bf16']:.1f} "
               f"topk+gather x{row['speedup_vs_torch_topk_gather']:.1f} [{row['variant']}"
               f" fused={row['us_fused']} split={row['us_split']}]", flush=True)
@@ -167,15 +168,15 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
              f"{meta.get('read_gbps', float('nan')):.0f} GB/s). One token, fp32 x, "
              "median of graph replays, weight sets rotated past L2. `bytes` = packed rows read + x. "
              f"Variant: {meta.get('variant_rule', 'the wrapper default at run time')}.", "",
-             "| shape | M | D | S | us | GB/s | % of streaming | vs dense ternary | vs torch bf16 | vs torch topk+gather "
-             "| variant |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | M | D | S | us | GB/s | % of streaming | vs dense ternary | vs torch bf16 | "
+             "vs torch topk+gather | variant |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['shape']} | failed: {r['error']} |")
             continue
         lines.append(f"| {r['shape']} | {r['M']} | {r['D']} | {r['sparsity']} | {r['us']:.2f} | {r['gbps']:.0f} | "
-                     f"{r['pct_of_streaming']:.1f} | {r['speedup_vs_dense_ternary']:.2f} | {r['speedup_vs_torch_bf16']:.1f}"
-                     f" | {r['speedup_vs_torch_topk_gather']:.1f} | {r['variant']} |")
+                     f"{r['pct_of_streaming']:.1f} | {r['speedup_vs_dense_ternary']:.2f} | "
+                     f"{r['speedup_vs_torch_bf16']:.1f} | {r['speedup_vs_torch_topk_gather']:.1f} | {r['variant']} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -223,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
     ceil = streaming_ceiling()
     ceiling = ceil["streaming_gbps"]
-    print(f"device {torch.cuda.get_device_name()}  streaming ceiling {ceiling:.0f} GB/s (eager copy {ceil['copy_gbps']:.0f}"
-          f" read + write, streaming read {ceil['read_gbps']:.0f})", flush=True)
+    print(f"device {torch.cuda.get_device_name()}  streaming ceiling {ceiling:.0f} GB/s (eager copy "
+          f"{ceil['copy_gbps']:.0f} read + write, streaming read {ceil['read_gbps']:.0f})", flush=True)
     rows = []
     for name, d, segs, glu in SHAPES:
         if args.only and args.only not in name:

@@ -52,7 +52,9 @@ int stream_read_blocks() {
 
 void stream_read(const void* data, long long nbytes, uint32_t* out, int blocks, cudaStream_t stream) {
   if (nbytes < 0 || nbytes % 16 != 0) throw std::invalid_argument("stream_read: nbytes must be a multiple of 16");
-  if (reinterpret_cast<uintptr_t>(data) % 16 != 0) throw std::invalid_argument("stream_read: data must be 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(data) % 16 != 0) {
+    throw std::invalid_argument("stream_read: data must be 16-byte aligned");
+  }
   if (blocks < 1) throw std::invalid_argument("stream_read: blocks must be >= 1");
   stream_read_kernel<<<blocks, kStreamThreads, 0, stream>>>(static_cast<const uint4*>(data), nbytes / 16, out);
   QS_LAUNCH_CHECK("stream_read_kernel");

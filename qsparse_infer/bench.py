@@ -211,8 +211,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"Prompt {res['prompt_len']} tokens, then {res['new_tokens']} new tokens (greedy, sampled on the GPU), "
              f"batch 1, KV cache {res['kv_dtype']}, {res['reps']} repetitions; medians. Streaming ceiling measured in "
              f"the same run: {ceiling_text(res)}.", "",
-             "| S (all 4 groups) | decode tok/s | ms/token | prefill tok/s | bytes/token (MB) | GB/s | % of streaming | "
-             "peak GPU (GiB) | peak / (weights+emb+head+KV) | vs our S=0 | vs torch bf16 |",
+             "| S (all 4 groups) | decode tok/s | ms/token | prefill tok/s | bytes/token (MB) | GB/s | "
+             "% of streaming | peak GPU (GiB) | peak / (weights+emb+head+KV) | vs our S=0 | vs torch bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in res["runs"].items():
         vs0 = res.get("speedup_vs_our_s0", {}).get(k)

@@ -4,9 +4,9 @@ GPU kernel mapped to a kind, each kind beside its bytes floor (the bytes it must
 Kernels are told apart by substrings of their function name (not the full demangled signature), so renamed or
 new kernels still land in the right kind where the name says what they do; anything unrecognised is listed
 as "other" with its name, as is every kernel outside our namespace (torch's own, e.g. the top-K mask of the
-head input, which would otherwise match "select"/"topk"-like names). The ternary projections are named by launch order within a layer: the decoder
-calls ternary_linear for qkv, o, gate_up and down in that order (gpu_model._layers), one projection kernel
-each. Eager steps are slower than graph replays by launch gaps, which are not in these kernel times.
+head input, which would otherwise match "select"/"topk"-like names). The ternary projections are named by
+launch order within a layer: the decoder calls ternary_linear for qkv, o, gate_up and down in that order
+(gpu_model._layers), one projection kernel each. Eager steps are slower than graph replays by launch gaps, which are not in these kernel times.
 """
 from __future__ import annotations
 
@@ -171,7 +171,8 @@ def table(prof: dict[str, Any]) -> str:
     lines = [f"Eager decode step, {prof.get('lm_head', 'bf16')} head, context {prof.get('context', '?')}: kernel "
              f"time {prof['kernel_us_per_step']:.0f} us per step, bytes floor {prof['floor_us_per_step']:.0f} us "
              f"at {prof['streaming_gbps']:.0f} GB/s.", "",
-             "| kind | us/step | calls/step | MB/step | floor us | x floor | kernels |", "|---|---|---|---|---|---|---|"]
+             "| kind | us/step | calls/step | MB/step | floor us | x floor | kernels |",
+             "|---|---|---|---|---|---|---|"]
     for r in prof["rows"]:
         mb = "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}"
         fl = "-" if r["floor_us"] is None else f"{r['floor_us']:.1f}"

@@ -13,7 +13,6 @@ from qsparse_infer import Engine
 from qsparse_infer.config import SparsityConfig
 from qsparse_infer.format import EngineFormatError, read_engine, write_engine
 from qsparse_infer.head_int8 import Q8, Q8_SCALES, int8_head_logits, quantize_head, with_lm_head
-from qsparse_infer.reference import RMSNorm
 
 IDS = [3, 17, 50, 9, 80, 42, 5]
 
