@@ -118,3 +118,12 @@ def test_decoder_with_int8_head(tied, head_sparsity):
         runs.append([gpu.prefill(ids[:5], s)] + [gpu.step() for _ in range(6)])
     assert runs[0] == runs[1]
     assert Q8 in ef.tensors
+
+
+def test_engine_loads_the_builtin_model_with_an_int8_head_on_the_gpu():
+    from qsparse_infer import Engine
+
+    engine = Engine.load(None, device="cuda", lm_head="int8")
+    assert engine.gpu.head_q8 is not None and engine.gpu.head_bytes < engine.gpu.embed_bytes
+    text = engine.generate("ROMEO:", max_new_tokens=8, temperature=0.0)
+    assert isinstance(text, str) and text
