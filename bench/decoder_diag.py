@@ -1,7 +1,7 @@
 """Decoder diagnostics on the GPU (lab tool, not a test):
 1. ternary_linear against the reference BitLinear for the combinations the decoder uses (T = 1 / 7 / 12,
    dense / sparse, fused norm or not, each epilogue): relative error per combination.
-2. Where the time of one 2B4T decode step goes: torch.profiler over eager steps, per kernel, per step.
+2. Where the time of one 2B4T decode step goes: qsparse_infer.profile (as `qsparse bench --profile`).
 """
 from __future__ import annotations
 
@@ -51,39 +51,22 @@ def linear_check() -> None:
 
 
 def profile_step(sparsity: float, steps: int = 5) -> None:
+    """The per-kind table of qsparse_infer.profile (the same as `qsparse bench --profile`), then the graph
+    replay time of the same step for comparison."""
+    from qsparse_infer.ceilings import streaming_gbps
     from qsparse_infer.gpu_model import GpuModel
+    from qsparse_infer.profile import profile_decode, table
     from qsparse_infer.random_model import SHAPES, random_engine
     from qsparse_infer.sampling import SamplingSettings
 
     cfg = SHAPES["2b4t"]
     ef = random_engine(cfg, device="cuda", seed=0)
-    model = GpuModel(ef, SparsityConfig.uniform(sparsity), max_len=512)
     prompt = torch.randint(0, cfg.vocab_size, (128,), generator=torch.Generator().manual_seed(1))
-    model.set_graph(False)
-    model.prefill(prompt, SamplingSettings(temperature=0))
-    for _ in range(3):
-        model._run_step()
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            model._run_step()
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None)
-        if t is None:
-            t = getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append((t / steps, e.count // steps, e.key))
-    rows.sort(reverse=True)
-    total = sum(r[0] for r in rows)
-    print(f"\n2b4t S={sparsity:g}: eager decode step, GPU kernel time {total:.0f} us per step (sum over kernels)")
-    for us, n, name in rows[:14]:
-        print(f"  {us:8.1f} us  {n:4d}x  {us / max(n, 1):7.2f} us/call  {name[:90]}")
-    # graph replay time for comparison
-    model.set_graph(True)
+    sp = SparsityConfig.uniform(sparsity)
+    ceiling = streaming_gbps()["streaming_gbps"]
+    print(f"\n2b4t S={sparsity:g}")
+    print(table(profile_decode(ef, sp, prompt, ceiling, steps=steps)))
+    model = GpuModel(ef, sp, max_len=512)
     model.prefill(prompt, SamplingSettings(temperature=0))
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(41)]
     ev[0].record()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
-# Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels attention e2e
+# Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels attention e2e profile fidelity
 #   (serving work: serving batched_linear batched_decode)
 # Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
@@ -59,6 +59,12 @@ for what in "$@"; do
         --json "$OUT/batched-decode.json" 2>&1 | tee "$OUT/batched-decode.log" | tail -20 ;;
     attention)
       timeout 300 python3 "$SRC/bench/attention.py" --sweep --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
+    profile)
+      timeout 500 python3 -m qsparse_infer.cli bench --shape 2b4t --sparsity 0,0.6 --lm-head int8 --profile --no-peer \
+        --reps 2 --json "$OUT/e2e-profile.json" 2>&1 | tee "$OUT/profile.log" | tail -80 ;;
+    fidelity)
+      timeout 400 python3 "$SRC/bench/head_fidelity.py" --device cuda --skip-builtin --out "$OUT" 2>&1 \
+        | tee "$OUT/fidelity.log" | tail -30 ;;
   esac
   echo "== $what done at $(( $(date +%s) - t0 )) s"
 done

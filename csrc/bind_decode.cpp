@@ -90,6 +90,15 @@ void register_decode(py::module_& m) {
       },
       "logits = RMSNorm(x) @ W^T (norm skipped when norm_w == 0)");
   m.def(
+      "lm_head_int8",
+      [](uintptr_t x, uintptr_t norm_w, float eps, uintptr_t Q, uintptr_t scales, int T, int V, int H,
+         uintptr_t logits, uintptr_t stream) {
+        require_gpu();
+        lm_head_int8(p<const float>(x), p<const float>(norm_w), eps, p<const int8_t>(Q), p<const float>(scales), T, V,
+                     H, p<float>(logits), as_stream(stream));
+      },
+      "logits = scales * (RMSNorm(x) @ Q^T), Q int8 [V, H] (norm skipped when norm_w == 0)");
+  m.def(
       "sample",
       [](uintptr_t logits, int V, uintptr_t seen, uintptr_t fparams, uintptr_t iparams, uintptr_t rng, uintptr_t pos,
          int advance, uintptr_t token, uintptr_t history, int hist_len, uintptr_t stream) {

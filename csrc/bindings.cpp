@@ -8,6 +8,7 @@ namespace qsparse {
 void register_device(py::module_& m);  // bind_device.cpp: GPU presence
 void register_linear(py::module_& m);  // bind_linear.cpp: packing, quantize+top-K, ternary GEMV/GEMM
 void register_decode(py::module_& m);  // bind_decode.cpp: norms, RoPE, attention, sampling
+void register_bench(py::module_& m);   // bind_bench.cpp: the streaming-read ceiling
 }  // namespace qsparse
 
 PYBIND11_MODULE(_C, m) {
@@ -15,4 +16,5 @@ PYBIND11_MODULE(_C, m) {
   qsparse::register_device(m);
   qsparse::register_linear(m);
   qsparse::register_decode(m);
+  qsparse::register_bench(m);
 }

@@ -56,6 +56,11 @@ void attention_decode(const float* qkv, int stride, int B, int nq, int nkv, int 
 void lm_head(const float* x, const float* norm_w, float eps, const void* W, int wdtype, int T, int V, int H,
              float* logits, cudaStream_t stream);
 
+// The int8 head (decode_head_int8.cu): logits[t, v] = scales[v] * sum_h xn[t, h] * float(Q[v, h]), xn as above,
+// Q [V, H] int8 (per-row absmax, values in [-127, 127]), scales [V] fp32; fp32 accumulation.
+void lm_head_int8(const float* x, const float* norm_w, float eps, const int8_t* Q, const float* scales, int T, int V,
+                  int H, float* logits, cudaStream_t stream);
+
 // One sampled token from logits [V] (see qsparse_infer/sampling.py for the exact rules, mirrored on the CPU):
 // repetition penalty on tokens marked in seen, greedy when temperature <= 0, else top-k / top-p threshold
 // and a Gumbel-max draw with a counter-based hash of (seed, step, index).

@@ -5,7 +5,9 @@ Decode is timed as CUDA-graph replays back to back (each step samples its token 
 the next, greedy), with a CUDA event between consecutive steps: ms/token is the median over all steps of
 all repetitions. Prefill is the median wall time of the whole prompt (synchronised). Bytes per token are
 what a step must read: the selected weight rows, the LM head and the KV cache at the mean context length.
-Copy bandwidth: a 1 GiB device-to-device copy in the same process, counting bytes read plus written.
+Streaming ceiling (ceilings.py), measured in the same process: the larger of an eager 1 GiB device copy
+(bytes read plus written) and a streaming-read kernel; "% of streaming" divides the achieved GB/s by it.
+`--lm-head int8` adds rows with the int8 LM head (head_int8.py) beside the bf16-head rows of the same run.
 """
 from __future__ import annotations
 
@@ -28,25 +30,6 @@ DEFAULT_SPARSITIES = "0,0.4,0.6,0.8"
 def card_slug(name: str) -> str:
     m = re.search(r"(H100|H200|H20|A100|A10G|L40S|L4|B200|GH200|RTX ?\d{4})", name, re.I)
     return (m.group(1) if m else name).lower().replace(" ", "")
-
-
-def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """GB/s of a device-to-device copy (read + write bytes), median of reps."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / statistics.median(times) / 1e9
 
 
 def _time_decode(run_step, n: int) -> list[float]:
@@ -91,10 +74,11 @@ def bench_ours(ef: Any, sparsity: SparsityConfig, prompt: torch.Tensor, new_toke
     peak = torch.cuda.max_memory_allocated()
     ms = statistics.median(step_ms)
     bpt = model.bytes_per_token(p + new_tokens // 2)
-    ideal = model.packed_bytes + model.embed_bytes + (0 if ef.config.tie_word_embeddings else model.head_bytes) \
-        + model.kv_bytes
+    separate_head = not ef.config.tie_word_embeddings or model.head_q8 is not None
+    ideal = model.packed_bytes + model.embed_bytes + (model.head_bytes if separate_head else 0) + model.kv_bytes
     out = {
         "sparsity": sparsity.to_dict(),
+        "lm_head": "int8" if model.head_q8 is not None else "bf16",
         "prefill_tok_s": p / statistics.median(prefill_s),
         "decode_ms_per_token": ms,
         "decode_tok_s": 1e3 / ms,
@@ -138,7 +122,14 @@ def bench_torch(cfg, prompt: torch.Tensor, new_tokens: int, reps: int, compile: 
     return out
 
 
+def run_key(s: float, head: str) -> str:
+    """Row key: the sparsity ("0.6") for the bf16 head, "0.6 int8-head" for the int8 head."""
+    return f"{s:g}" if head == "bf16" else f"{s:g} int8-head"
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from .ceilings import streaming_gbps
+    from .head_int8 import with_lm_head
     from .random_model import SHAPES, random_engine
 
     torch.manual_seed(0)
@@ -159,20 +150,33 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"random {label} weights generated on the GPU in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     name = torch.cuda.get_device_name()
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1))
-    copy = copy_bandwidth()
+    ceiling = streaming_gbps()
     res: dict[str, Any] = {
         "card": name, "card_slug": card_slug(name), "model": label, "config": cfg.to_dict(),
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
-        "kv_dtype": args.kv_dtype, "sampling": "greedy (on the GPU)", "copy_gbps": copy,
+        "kv_dtype": args.kv_dtype, "sampling": "greedy (on the GPU)", **ceiling,
         "torch_version": torch.__version__, "runs": {},
     }
-    for s in sparsities:
-        r = bench_ours(ef, SparsityConfig.uniform(s), prompt, args.new_tokens, args.reps, kv_dtype)
-        r["pct_of_copy"] = 100 * r["achieved_gbps"] / copy
-        res["runs"][f"{s:g}"] = r
-        print(f"S={s:g}: decode {r['decode_tok_s']:.0f} tok/s ({r['decode_ms_per_token']:.3f} ms), "
-              f"prefill {r['prefill_tok_s']:.0f} tok/s, {r['achieved_gbps']:.0f} GB/s ({r['pct_of_copy']:.0f}% of "
-              f"copy), peak {r['peak_gpu_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    heads = ["bf16"] + (["int8"] if args.lm_head == "int8" else [])
+    for head in heads:
+        ef_head = with_lm_head(ef, head)
+        for s in sparsities:
+            key = run_key(s, head)
+            r = bench_ours(ef_head, SparsityConfig.uniform(s), prompt, args.new_tokens, args.reps, kv_dtype)
+            r["pct_of_streaming"] = 100 * r["achieved_gbps"] / ceiling["streaming_gbps"]
+            res["runs"][key] = r
+            print(f"S={key}: decode {r['decode_tok_s']:.0f} tok/s ({r['decode_ms_per_token']:.3f} ms), prefill "
+                  f"{r['prefill_tok_s']:.0f} tok/s, {r['achieved_gbps']:.0f} GB/s ({r['pct_of_streaming']:.0f}% of "
+                  f"streaming), peak {r['peak_gpu_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+        del ef_head
+    if getattr(args, "profile", False):
+        from .profile import profile_decode
+
+        res["profile"] = {}
+        for head in heads:
+            for s in sparsities:
+                res["profile"][run_key(s, head)] = profile_decode(
+                    with_lm_head(ef, head), SparsityConfig.uniform(s), prompt, ceiling["streaming_gbps"], kv_dtype)
     del ef
     torch.cuda.empty_cache()
     runs = res["runs"]
@@ -191,19 +195,30 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def ceiling_text(res: dict[str, Any]) -> str:
+    if "streaming_gbps" in res:
+        return (f"{res['streaming_gbps']:.0f} GB/s (max of an eager copy, {res['copy_gbps']:.0f} GB/s read + write, "
+                f"and a streaming read, {res['read_gbps']:.0f} GB/s)")
+    return f"not measured (an old result: device copy {res.get('copy_gbps', float('nan')):.0f} GB/s)"
+
+
+def pct_text(r: dict[str, Any]) -> str:
+    return f"{r['pct_of_streaming']:.0f}%" if "pct_of_streaming" in r else "-"
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"# End-to-end decode, {res['model']} on {res['card']}", "",
              f"Prompt {res['prompt_len']} tokens, then {res['new_tokens']} new tokens (greedy, sampled on the GPU), "
-             f"batch 1, KV cache {res['kv_dtype']}, {res['reps']} repetitions; medians. Copy bandwidth measured in "
-             f"the same run: {res['copy_gbps']:.0f} GB/s (read + write).", "",
-             "| S (all 4 groups) | decode tok/s | ms/token | prefill tok/s | bytes/token (MB) | GB/s | % of copy | "
-             "peak GPU (GiB) | peak / (weights+emb+head+KV) | vs our S=0 | vs torch bf16 |",
+             f"batch 1, KV cache {res['kv_dtype']}, {res['reps']} repetitions; medians. Streaming ceiling measured in "
+             f"the same run: {ceiling_text(res)}.", "",
+             "| S (all 4 groups) | decode tok/s | ms/token | prefill tok/s | bytes/token (MB) | GB/s | "
+             "% of streaming | peak GPU (GiB) | peak / (weights+emb+head+KV) | vs our S=0 | vs torch bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in res["runs"].items():
         vs0 = res.get("speedup_vs_our_s0", {}).get(k)
         vst = res.get("speedup_vs_torch_bf16", {}).get(k)
         lines.append(f"| {k} | {r['decode_tok_s']:.0f} | {r['decode_ms_per_token']:.3f} | {r['prefill_tok_s']:.0f} | "
-                     f"{r['bytes_per_token']['total'] / 1e6:.0f} | {r['achieved_gbps']:.0f} | {r['pct_of_copy']:.0f}% | "
+                     f"{r['bytes_per_token']['total'] / 1e6:.0f} | {r['achieved_gbps']:.0f} | {pct_text(r)} | "
                      f"{r['peak_gpu_bytes'] / 2**30:.2f} | {r['peak_over_ideal']:.3f} | "
                      f"{'%.2fx' % vs0 if vs0 else '-'} | {'%.2fx' % vst if vst else '-'} |")
     if "torch_bf16" in res:
@@ -211,6 +226,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", f"PyTorch bf16 peer ({p['mode']}, same shape, random weights): decode "
                       f"{p['decode_tok_s']:.0f} tok/s ({p['decode_ms_per_token']:.3f} ms/token), prefill "
                       f"{p['prefill_tok_s']:.0f} tok/s, peak {p['peak_gpu_bytes'] / 2**30:.2f} GiB."]
+    if "profile" in res:
+        from .profile import table
+
+        lines += ["", "## Per-phase breakdown (`--profile`)", ""]
+        for key, prof in res["profile"].items():
+            lines += [f"### S={key}", "", table(prof), ""]
     runs = res["runs"]
     if "0.6" in runs and "0" in runs:
         r6 = runs["0.6"]
@@ -232,10 +253,13 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [float(k) for k in res["runs"]]
-    ys = [r["decode_tok_s"] for r in res["runs"].values()]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, ys, "o-", label="qsparse-infer (ternary + top-K)")
+    for head in ("bf16", "int8"):
+        pts = [(float(k.split()[0]), r["decode_tok_s"]) for k, r in res["runs"].items()
+               if r.get("lm_head", "bf16") == head]
+        if pts:
+            label = "qsparse-infer (ternary + top-K)" + (", int8 LM head" if head == "int8" else "")
+            ax.plot(*zip(*pts), "o-" if head == "bf16" else "s--", label=label)
     if "torch_bf16_decode_tok_s" in res:
         ax.axhline(res["torch_bf16_decode_tok_s"], color="gray", ls="--", label="PyTorch bf16 (compile + graph)")
     ax.set_xlabel("activation sparsity S (all four groups)")
@@ -270,6 +294,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--kv-dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--no-peer", action="store_true", help="skip the PyTorch bf16 peer")
+    p.add_argument("--lm-head", choices=("bf16", "int8"), default="bf16",
+                   help="int8: also measure every sparsity with the int8 LM head (own rows, same run)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one eager decode step per row: time per kernel kind beside its bytes floor")
     p.add_argument("--peer-no-compile", action="store_true", help="peer without torch.compile (graph only)")
     p.add_argument("--json", default=None, help="output JSON (default bench/results/e2e-<card>.json)")
     p.add_argument("--plot-only", default=None, metavar="JSON", help="only (re)draw the PNG and markdown of a JSON")

@@ -437,8 +437,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def convert(src: str | Path, dst: str | Path, sparsity: SparsityConfig | str | float | None = None,
-            dtype: str | torch.dtype | None = None, force: bool = False, progress: bool = True) -> Path:
-    """Convert the Hugging Face folder `src` into the engine file `dst`; returns `dst`."""
+            dtype: str | torch.dtype | None = None, force: bool = False, progress: bool = True,
+            lm_head: str = "bf16") -> Path:
+    """Convert the Hugging Face folder `src` into the engine file `dst`; returns `dst`. lm_head="int8" also
+    stores the int8 head (head_int8.py) beside the float one."""
+    from .head_int8 import LM_HEAD_MODES, Q8, Q8_SCALES, head_source, quantize_head
+
+    if lm_head not in LM_HEAD_MODES:
+        raise ConversionError(f"lm_head must be one of {LM_HEAD_MODES}, got {lm_head!r}")
     src, dst = Path(src), Path(dst)
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} already exists; pass force=True (--force) to overwrite it")
@@ -469,6 +475,8 @@ def convert(src: str | Path, dst: str | Path, sparsity: SparsityConfig | str | f
     else:
         sp = SparsityConfig.uniform(float(sparsity))
     tensors = build_tensors(ckpt, layout, dtype, progress)
+    if lm_head == "int8":
+        tensors[Q8], tensors[Q8_SCALES] = quantize_head(head_source(tensors))
     unused = sorted(n for n in set(ckpt.where) - ckpt.used
                     if not n.endswith("rotary_emb.inv_freq") and not (n == layout.names["lm_head"]
                                                                      and layout.config.tie_word_embeddings))
@@ -488,14 +496,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of non-ternary tensors (default: keep the checkpoint's)")
     parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    parser.add_argument("--lm-head", choices=("bf16", "int8"), default="bf16",
+                        help="int8: also store a per-row absmax int8 LM head (half the head's bytes per token)")
 
 
 def run(args: argparse.Namespace) -> int:
-    dst = convert(args.src, args.dst, sparsity=args.sparsity, dtype=args.dtype, force=args.force)
+    dst = convert(args.src, args.dst, sparsity=args.sparsity, dtype=args.dtype, force=args.force,
+                  lm_head=args.lm_head)
     from .format import read_engine
 
     ef = read_engine(dst)
     print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB): {ef.config.num_layers} layers, "
           f"hidden {ef.config.hidden_size}, vocab {ef.config.vocab_size}, sparsity {ef.sparsity.describe()}, "
-          f"tokenizer {ef.tokenizer_info.get('kind')}")
+          f"tokenizer {ef.tokenizer_info.get('kind')}" + (", int8 LM head" if "lm_head.q8" in ef.tensors else ""))
     return 0

@@ -51,10 +51,13 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto",
-             sparsity: SparsityConfig | str | float | None = None, kv_cache: str = "bf16") -> "Engine":
+             sparsity: SparsityConfig | str | float | None = None, kv_cache: str = "bf16",
+             lm_head: str | None = None) -> "Engine":
         """Load an engine file (None: the built-in Shakespeare model). device: "auto", "cuda" or "cpu".
         sparsity overrides the ratios stored in the file. kv_cache ("bf16" or "fp32", GPU only): bf16 halves
-        the cache's memory and bytes read per token; fp32 follows the reference model's math exactly."""
+        the cache's memory and bytes read per token; fp32 follows the reference model's math exactly.
+        lm_head: None uses the head the file has; "int8" uses the int8 head (head_int8.py; quantized here when
+        the file has none), halving the head's bytes per token; "bf16" uses the float head as stored."""
         if path is None:
             if not BUILTIN_MODEL.is_file():
                 raise FileNotFoundError(
@@ -62,7 +65,9 @@ class Engine:
                     f"(make one with `qsparse convert`)")
             path = BUILTIN_MODEL
         requested, device = device, _pick_device(device)
-        ef = read_engine(path)
+        from .head_int8 import with_lm_head
+
+        ef = with_lm_head(read_engine(path), lm_head)
         engine = cls(ef, device, _resolve_sparsity(sparsity, ef.sparsity), kv_cache)
         engine.auto_cpu_fallback = requested == "auto" and device == "cpu"  # already warned about
         return engine

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig, SparsityConfig
+from .head_int8 import Q8, Q8_SCALES
 from .quant import LAYOUT_CONCAT, LAYOUT_INTERLEAVE, packed_columns, unpack_ternary
 
 FORMAT_NAME = "qsparse-infer"
@@ -56,13 +57,17 @@ def group_geometry(cfg: ModelConfig, group: str) -> tuple[int, list[int], str]:
     raise KeyError(f"unknown projection group {group!r}")
 
 
-def expected_tensors(cfg: ModelConfig, has_tokenizer: bool) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every tensor a valid file holds: name -> (shape, kind) with kind in {float, packed, scales, bytes}.
-    (The tokenizer's byte length is free, so its shape is given as (-1,).)"""
+def expected_tensors(cfg: ModelConfig, has_tokenizer: bool,
+                     int8_head: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor a valid file holds: name -> (shape, kind) with kind in {float, packed, scales, bytes, q8,
+    head_scales}. (The tokenizer's byte length is free, so its shape is given as (-1,).)"""
     h, v = cfg.hidden_size, cfg.vocab_size
     out: dict[str, tuple[tuple[int, ...], str]] = {"embed_tokens": ((v, h), "float"), "norm": ((h,), "float")}
     if not cfg.tie_word_embeddings:
         out["lm_head"] = ((v, h), "float")
+    if int8_head:  # optional (head_int8.py); the float head/embedding stays
+        out[Q8] = ((v, h), "q8")
+        out[Q8_SCALES] = ((v,), "head_scales")
     if has_tokenizer:
         out["tokenizer.bytes"] = ((-1,), "bytes")
     for i in range(cfg.num_layers):
@@ -121,7 +126,7 @@ def validate_tokenizer_info(info: dict[str, Any], has_bytes: bool) -> None:
 
 def validate_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], has_tokenizer: bool) -> None:
     """Check the tensor set, shapes, dtypes and scales against the config; raise EngineFormatError."""
-    expected = expected_tensors(cfg, has_tokenizer)
+    expected = expected_tensors(cfg, has_tokenizer, int8_head=Q8 in tensors or Q8_SCALES in tensors)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -149,6 +154,16 @@ def validate_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], has_tok
                 raise EngineFormatError(f"tensor {name!r} (weight scales) must be float32, got {t.dtype}")
             if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
                 raise EngineFormatError(f"tensor {name!r} has non-finite or non-positive scales: {t.tolist()}")
+        elif kind == "q8":
+            if t.dtype != torch.int8:
+                raise EngineFormatError(f"tensor {name!r} (int8 head) must be int8, got {t.dtype}")
+            if bool((t == -128).any()):
+                raise EngineFormatError(f"tensor {name!r} holds -128; the int8 head's values lie in [-127, 127]")
+        elif kind == "head_scales":
+            if t.dtype != torch.float32:
+                raise EngineFormatError(f"tensor {name!r} (int8 head scales) must be float32, got {t.dtype}")
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise EngineFormatError(f"tensor {name!r} has non-finite or negative scales")
         elif t.dtype not in FLOAT_DTYPES:
             raise EngineFormatError(f"tensor {name!r} must be float16, bfloat16 or float32, got {t.dtype}")
 
@@ -182,6 +197,8 @@ def write_engine(path: str | os.PathLike, config: ModelConfig, sparsity: Sparsit
         "tokenizer": json.dumps(info, sort_keys=True),
         "source": source,
     }
+    if Q8 in all_tensors:
+        metadata["lm_head"] = "int8"  # the tensors are the truth; this key makes the choice visible to tools
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -266,6 +283,9 @@ def read_engine(path: str | os.PathLike) -> EngineFile:
     try:
         validate_tokenizer_info(info, has_tok)
         validate_tensors(cfg, tensors, has_tok)
+        if meta.get("lm_head", "float") != ("int8" if Q8 in tensors else "float"):
+            raise EngineFormatError(f"metadata lm_head={meta.get('lm_head')!r} disagrees with the tensors "
+                                    f"({Q8!r} {'present' if Q8 in tensors else 'absent'})")
     except EngineFormatError as e:
         raise EngineFormatError(f"{path}: {e}") from None
     tok_bytes = tensors.pop("tokenizer.bytes").numpy().tobytes() if has_tok else None
@@ -298,6 +318,8 @@ def build_reference(ef: EngineFile, sparsity: SparsityConfig | None = None):
         model.norm.weight.copy_(t["norm"].float())
         if model.lm_head is not None:
             model.lm_head.copy_(t["lm_head"].float())
+        if Q8 in t:
+            model.set_int8_head(t[Q8], t[Q8_SCALES])
         for i, block in enumerate(model.layers):
             p = f"layers.{i}."
             block.input_norm.weight.copy_(t[p + "input_norm"].float())

@@ -227,12 +227,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", default=None,
                    help="override the file's ratios: one value or attn,o,mlp,down (e.g. 0.6 or 0.5,0.5,0.6,0.6)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--lm-head", choices=("bf16", "int8"), default=None,
+                   help="LM head precision (default: what the file has); int8 is quantized at load time if needed")
 
 
 def run(args: argparse.Namespace) -> int:
     from .engine import Engine
 
-    engine = Engine.load(args.model, device=args.device, sparsity=args.sparsity)
+    engine = Engine.load(args.model, device=args.device, sparsity=args.sparsity, lm_head=args.lm_head)
     for piece in stream(engine, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                         seed=args.seed, stop=args.stop):

@@ -91,6 +91,7 @@ class GpuModel:
         w = GpuWeights(ef, self.device)
         self.weights = w
         self.embed, self.head, self.final_norm, self.layers = w.embed, w.head, w.final_norm, w.layers
+        self.head_q8, self.head_q8_scales = w.head_q8, w.head_q8_scales  # None unless the head is int8
         self.weight_bytes, self.packed_bytes = w.weight_bytes, w.packed_bytes
         self.head_bytes, self.embed_bytes = w.head_bytes, w.embed_bytes
 

@@ -14,6 +14,7 @@ import torch
 
 from . import decode_kernels as dk
 from .config import ModelConfig, SparsityConfig, topk_count
+from .head_int8 import Q8, Q8_SCALES
 from .quant import LAYOUT_CONCAT, LAYOUT_INTERLEAVE, topk_mask
 
 
@@ -55,7 +56,9 @@ def host_weight_bytes(ef: Any) -> int:
 
 class GpuWeights:
     """The model's weights on one GPU: embedding, head, final norm, and per layer the norms and the four
-    packed ternary groups (linear_kernels.PackedTernary)."""
+    packed ternary groups (linear_kernels.PackedTernary). With an int8 head in the file (head_int8.py), head_q8
+    and head_q8_scales replace the float head, which is then not uploaded unless tied (the embedding lookup
+    needs the table)."""
 
     def __init__(self, ef: Any, device: torch.device) -> None:
         from .linear_kernels import PackedTernary
@@ -68,7 +71,12 @@ class GpuWeights:
             return t[name].to(device=dev, dtype=torch.float32).contiguous()
 
         self.embed = t["embed_tokens"].to(dev).contiguous()
-        self.head = self.embed if cfg.tie_word_embeddings else t["lm_head"].to(dev).contiguous()
+        self.head_q8 = t[Q8].to(dev).contiguous() if Q8 in t else None
+        self.head_q8_scales = t[Q8_SCALES].to(dev, torch.float32).contiguous() if Q8 in t else None
+        if cfg.tie_word_embeddings:
+            self.head = self.embed
+        else:
+            self.head = t["lm_head"].to(dev).contiguous() if self.head_q8 is None else None
         self.final_norm = norm("norm")
         self.layers: list[Layer] = []
         for i in range(cfg.num_layers):
@@ -83,7 +91,9 @@ class GpuWeights:
                 norm(p + "input_norm"), norm(p + "post_attn_norm"),
                 norm(p + "attn_sub_norm") if cfg.attn_sub_norm else None,
                 norm(p + "ffn_sub_norm") if cfg.ffn_sub_norm else None, **groups))
-        held = [self.embed, self.final_norm] + ([] if cfg.tie_word_embeddings else [self.head])
+        held = [self.embed, self.final_norm] + ([] if cfg.tie_word_embeddings or self.head is None else [self.head])
+        if self.head_q8 is not None:
+            held += [self.head_q8, self.head_q8_scales]
         for L in self.layers:
             held += [x for x in (L.input_norm, L.post_norm, L.attn_sub_norm, L.ffn_sub_norm) if x is not None]
             held += [x for g in (L.qkv, L.o, L.gate_up, L.down) for x in (g.packed, g.scales, g.colinfo)]
@@ -91,7 +101,10 @@ class GpuWeights:
         # what a decode step must read at S = 0 from weights: packed rows + head (+ one embedding row)
         self.packed_bytes = sum(getattr(L, g).packed.numel() for L in self.layers
                                 for g in ("qkv", "o", "gate_up", "down"))
-        self.head_bytes = self.head.numel() * self.head.element_size()
+        if self.head_q8 is not None:
+            self.head_bytes = self.head_q8.numel() + 4 * self.head_q8_scales.numel()
+        else:
+            self.head_bytes = self.head.numel() * self.head.element_size()
         self.embed_bytes = self.embed.numel() * self.embed.element_size()
 
 
@@ -136,9 +149,18 @@ def run_layers(w: GpuWeights, k: TopK, h: torch.Tensor, qkv: torch.Tensor, attn:
 def run_head(w: GpuWeights, k: TopK, h: torch.Tensor, out: torch.Tensor, normed: torch.Tensor | None = None) -> None:
     """Final RMSNorm + LM head for the rows of h [T, H] into out [T, V] (normed: optional [T, H] scratch)."""
     eps = w.cfg.rms_norm_eps
-    if k.head < w.cfg.hidden_size:  # top-K masked head input (dense, unquantized weights)
+    if k.head < w.cfg.hidden_size:  # top-K masked head input (dense weights)
         normed = dk.rmsnorm(h, w.final_norm, eps, out=normed)
         normed.mul_(topk_mask(normed, k.head))
-        dk.lm_head(normed, w.head, out=out)
+        head_gemv(w, normed, None, out)
     else:
-        dk.lm_head(h, w.head, norm_weight=w.final_norm, eps=eps, out=out)
+        head_gemv(w, h, w.final_norm, out)
+
+
+def head_gemv(w: GpuWeights, x: torch.Tensor, norm_weight: torch.Tensor | None, out: torch.Tensor) -> None:
+    """logits = head(RMSNorm(x) * norm_weight, or x when norm_weight is None), int8 or float head."""
+    eps = w.cfg.rms_norm_eps
+    if w.head_q8 is not None:
+        dk.lm_head_int8(x, w.head_q8, w.head_q8_scales, norm_weight=norm_weight, eps=eps, out=out)
+    else:
+        dk.lm_head(x, w.head, norm_weight=norm_weight, eps=eps, out=out)

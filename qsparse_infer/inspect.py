@@ -50,7 +50,10 @@ def bytes_per_token(ef: EngineFile, sparsity: SparsityConfig) -> "OrderedDict[st
     out["embedding row"] = embed.shape[1] * embed.element_size()
     head = ef.tensors["embed_tokens" if cfg.tie_word_embeddings else "lm_head"]
     k_head = topk_count(cfg.hidden_size, sparsity.lm_head)
-    out["lm_head"] = head.shape[0] * k_head * head.element_size()
+    if "lm_head.q8" in ef.tensors:  # the int8 head (head_int8.py) replaces the float one in the step
+        out["lm_head (int8)"] = head.shape[0] * (k_head + 4)
+    else:
+        out["lm_head"] = head.shape[0] * k_head * head.element_size()
     return out
 
 

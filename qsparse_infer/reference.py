@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, SparsityConfig, topk_count
+from .head_int8 import int8_head_logits
 from .quant import bitlinear, topk_mask
 
 # Projection name -> sparsity group whose ratio applies to its input.
@@ -160,6 +161,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([Block(cfg, make_linear) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.zeros(cfg.vocab_size, cfg.hidden_size))
+        # the opt-in int8 head (head_int8.py), used instead of the float one when set; buffers follow .to()
+        self.register_buffer("head_q8", None, persistent=False)
+        self.register_buffer("head_q8_scales", None, persistent=False)
         self.sparsity = SparsityConfig()
         self.set_sparsity(sparsity or SparsityConfig())
 
@@ -175,6 +179,15 @@ class Transformer(nn.Module):
         self.sparsity = sparsity
         for _, name, lin in self.projections():
             lin.k = topk_count(lin.in_features, getattr(sparsity, PROJ_GROUP[name]))
+
+    def set_int8_head(self, q: torch.Tensor | None, scales: torch.Tensor | None) -> None:
+        """Use the int8 head Q [V, H] int8 with per-row scales [V] (None, None: back to the float head)."""
+        if q is not None:
+            want = (self.cfg.vocab_size, self.cfg.hidden_size)
+            if q.dtype != torch.int8 or tuple(q.shape) != want or scales is None or tuple(scales.shape) != want[:1]:
+                raise ValueError(f"int8 head must be int8 {want} with scales [{want[0]}]")
+            scales = scales.to(torch.float32)
+        self.head_q8, self.head_q8_scales = q, scales
 
     def head_weight(self) -> torch.Tensor:
         return self.embed if self.lm_head is None else self.lm_head
@@ -196,4 +209,6 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if self.sparsity.lm_head > 0:
             h = h * topk_mask(h, topk_count(h.shape[-1], self.sparsity.lm_head))
+        if self.head_q8 is not None:
+            return int8_head_logits(h, self.head_q8, self.head_q8_scales)
         return h @ self.head_weight().float().t()
