@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import generation
 from .config import SparsityConfig
 from .format import EngineFile, build_reference, read_engine
 
@@ -105,24 +106,30 @@ class Engine:
     # -- text generation (generation.py) ---------------------------------------------------------
 
     def generate(self, prompt: Any, **kw: Any):
-        from . import generation
+        """Text for one prompt (str or token ids); for a list of prompts (str or token-id lists), the list of
+        their texts, decoded together in batches by the serving scheduler (each equals its own generate)."""
+        if _is_prompt_batch(prompt):
+            from .serving.batch import generate_batch
 
+            return generate_batch(self, list(prompt), **kw)
         return generation.generate(self, prompt, **kw)
 
     def stream(self, prompt: Any, **kw: Any):
-        from . import generation
-
         return generation.stream(self, prompt, **kw)
 
     def chat(self, messages: list[dict[str, Any]], **kw: Any):
-        from . import generation
-
         return generation.chat(self, messages, **kw)
 
     def __repr__(self) -> str:
         c = self.config
         return (f"Engine(device={self.device!r}, layers={c.num_layers}, hidden={c.hidden_size}, "
                 f"vocab={c.vocab_size}, sparsity=({self.sparsity.describe()}))")
+
+
+def _is_prompt_batch(prompt: Any) -> bool:
+    """A list/tuple of str or of token-id sequences (a flat list of ints is one prompt of token ids)."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt))
 
 
 def _pick_device(device: str) -> str:
