@@ -1,0 +1,91 @@
+"""`qsparse serve [MODEL]`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for one model.
+
+MODEL is an engine file (default: the built-in model); `--shape 2b4t --sparsity 0.6` serves random weights
+of a benchmark shape instead (generated on the device, no tokenizer: prompts are token ids)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..config import SparsityConfig
+from . import DEFAULT_MAX_SLOTS, make_runner
+from .scheduler import Scheduler
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.add_argument("model", nargs="?", default=None, help="engine file (default: the built-in model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--sparsity", default=None, help="override the model's ratios: one value or attn,o,mlp,down")
+    p.add_argument("--shape", choices=("2b4t", "8b"), default=None,
+                   help="serve random weights of this shape instead of a file (benchmarks; token-id prompts)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="sequences decoded together (KV-cache slots); default 8 on the CPU, 64 on the GPU")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503s")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="positions per slot (prompt + output); default the model's context")
+    p.add_argument("--kv-cache", choices=("bf16", "fp32"), default="bf16", help="GPU KV-cache precision")
+    p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: from the file)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def load_engine(args: argparse.Namespace) -> tuple[Any, str]:
+    """(engine, default model id) for the command's model options."""
+    from ..engine import Engine, _pick_device
+
+    if args.shape is None:
+        engine = Engine.load(args.model, device=args.device, sparsity=args.sparsity, kv_cache=args.kv_cache)
+        return engine, Path(args.model).stem if args.model else "shakespeare"
+    if args.model is not None:
+        raise ValueError("give either a model file or --shape, not both")
+    from ..random_model import SHAPES, random_engine
+
+    device = _pick_device(args.device)
+    sparsity = SparsityConfig.parse(args.sparsity) if args.sparsity else SparsityConfig()
+    ef = random_engine(SHAPES[args.shape], sparsity, device=device, seed=0)
+    return Engine(ef, device, sparsity, args.kv_cache), f"random-{args.shape}-s{args.sparsity or 0}"
+
+
+def gpu_memory_probe() -> tuple[Any, Any]:
+    """(memory(), reset_peak()) for /metrics: torch's allocator peak and the device-wide use."""
+    import torch
+
+    def memory() -> dict[str, Any]:
+        free, total = torch.cuda.mem_get_info()
+        return {"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                "gpu_allocated_bytes": torch.cuda.memory_allocated(), "gpu_used_bytes": total - free,
+                "gpu_total_bytes": total}
+
+    return memory, torch.cuda.reset_peak_memory_stats
+
+
+def build_app(args: argparse.Namespace):
+    from .api import create_app
+
+    engine, default_name = load_engine(args)
+    device = "cuda" if engine.gpu is not None else "cpu"
+    slots = args.max_batch or DEFAULT_MAX_SLOTS[device]
+    if slots < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {slots}")
+    runner = make_runner(engine, slots, args.max_len or engine.config.max_seq_len)
+    scheduler = Scheduler(runner, engine.tokenizer, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    memory, reset = gpu_memory_probe() if device == "cuda" else (None, None)
+    info = {"device": device, "sparsity": engine.sparsity.describe(), "runner": type(runner).__name__}
+    return create_app(scheduler, args.model_name or default_name, info=info, memory=memory, reset_peak=reset)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api import RequestLog
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = build_app(args)
+    logging.getLogger("qsparse.serve").info("serving %s on http://%s:%d", app.title, args.host, args.port)
+    uvicorn.run(RequestLog(app), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
