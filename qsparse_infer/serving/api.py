@@ -39,6 +39,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
             scheduler.shutdown()
 
     app = FastAPI(title="qsparse-infer", lifespan=lifespan)
+    app.state.scheduler = scheduler
     created = int(time.time())
 
     # -- errors: always the OpenAI shape, never a traceback --------------------------------------

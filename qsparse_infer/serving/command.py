@@ -64,19 +64,26 @@ def gpu_memory_probe() -> tuple[Any, Any]:
     return memory, torch.cuda.reset_peak_memory_stats
 
 
-def build_app(args: argparse.Namespace):
+def app_for_engine(engine: Any, model_name: str, max_batch: int | None = None, max_queue: int = 256,
+                   prefill_chunk: int = 256, max_len: int | None = None):
+    """The FastAPI app serving `engine` (its scheduler thread starts with the app)."""
     from .api import create_app
 
-    engine, default_name = load_engine(args)
     device = "cuda" if engine.gpu is not None else "cpu"
-    slots = args.max_batch or DEFAULT_MAX_SLOTS[device]
+    slots = max_batch or DEFAULT_MAX_SLOTS[device]
     if slots < 1:
         raise ValueError(f"--max-batch must be >= 1, got {slots}")
-    runner = make_runner(engine, slots, args.max_len or engine.config.max_seq_len)
-    scheduler = Scheduler(runner, engine.tokenizer, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    runner = make_runner(engine, slots, max_len or engine.config.max_seq_len)
+    scheduler = Scheduler(runner, engine.tokenizer, max_queue=max_queue, prefill_chunk=prefill_chunk)
     memory, reset = gpu_memory_probe() if device == "cuda" else (None, None)
     info = {"device": device, "sparsity": engine.sparsity.describe(), "runner": type(runner).__name__}
-    return create_app(scheduler, args.model_name or default_name, info=info, memory=memory, reset_peak=reset)
+    return create_app(scheduler, model_name, info=info, memory=memory, reset_peak=reset)
+
+
+def build_app(args: argparse.Namespace):
+    engine, default_name = load_engine(args)
+    return app_for_engine(engine, args.model_name or default_name, args.max_batch, args.max_queue,
+                          args.prefill_chunk, args.max_len)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +93,6 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = build_app(args)
-    logging.getLogger("qsparse.serve").info("serving %s on http://%s:%d", app.title, args.host, args.port)
+    logging.getLogger("qsparse.serve").info("listening on http://%s:%d", args.host, args.port)
     uvicorn.run(RequestLog(app), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
