@@ -15,23 +15,23 @@ from .scheduler import Scheduler
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("model", nargs="?", default=None, help="engine file (default: the built-in model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--sparsity", default=None, help="override the model's ratios: one value or attn,o,mlp,down")
     p.add_argument("--shape", choices=("2b4t", "8b"), default=None,
                    help="serve random weights of this shape instead of a file (benchmarks; token-id prompts)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="sequences decoded together (KV-cache slots); default 8 on the CPU, 64 on the GPU")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503s")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503s (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=None,
                    help="positions per slot (prompt + output); default the model's context")
-    p.add_argument("--kv-cache", choices=("bf16", "fp32"), default="bf16", help="GPU KV-cache precision")
+    p.add_argument("--kv-cache", choices=("bf16", "fp32"), default="bf16", help="GPU KV-cache precision (default: %(default)s)")
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: from the file)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="(default: %(default)s)")
 
 
 def load_engine(args: argparse.Namespace) -> tuple[Any, str]:
