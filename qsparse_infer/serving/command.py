@@ -76,7 +76,8 @@ def app_for_engine(engine: Any, model_name: str, max_batch: int | None = None, m
     runner = make_runner(engine, slots, max_len or engine.config.max_seq_len)
     scheduler = Scheduler(runner, engine.tokenizer, max_queue=max_queue, prefill_chunk=prefill_chunk)
     memory, reset = gpu_memory_probe() if device == "cuda" else (None, None)
-    info = {"device": device, "sparsity": engine.sparsity.describe(), "runner": type(runner).__name__}
+    info = {"device": device, "sparsity": engine.sparsity.describe(), "runner": type(runner).__name__,
+            "vocab_size": engine.config.vocab_size}
     return create_app(scheduler, model_name, info=info, memory=memory, reset_peak=reset)
 
 
