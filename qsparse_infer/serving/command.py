@@ -88,9 +88,12 @@ def build_app(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
-    from .api import RequestLog
+        from .api import RequestLog
+    except ImportError as e:
+        raise RuntimeError(f"qsparse serve needs FastAPI and uvicorn ({e}): pip install 'qsparse-infer[serve]'") from None
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = build_app(args)
