@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 import types
 import warnings
 
@@ -11,7 +10,6 @@ import torch
 from builders import engine_tensors, random_reference, sentencepiece_model, tiny_config
 from conftest import requires_gpu
 
-import qsparse_infer
 from qsparse_infer import Engine
 from qsparse_infer.config import SparsityConfig
 from qsparse_infer.format import write_engine

@@ -17,7 +17,7 @@ import uvicorn  # noqa: E402
 from qsparse_infer.engine import BUILTIN_MODEL, Engine  # noqa: E402
 from qsparse_infer.format import read_engine, write_engine  # noqa: E402
 from qsparse_infer.serving.api import RequestLog, create_app  # noqa: E402
-from qsparse_infer.serving.command import app_for_engine  # noqa: E402
+from qsparse_infer.cli_serve import app_for_engine  # noqa: E402
 from qsparse_infer.serving.runner import CpuRunner  # noqa: E402
 from qsparse_infer.serving.scheduler import GenerationRequest, Scheduler  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Serving: many requests decoded together. `runner.py` (the ModelRunner protocol, CpuRunner), `gpu_runner.py`
 (GpuBatchRunner), `scheduler.py` (admission, chunked prefill, stop rules, streaming), `api.py` (the
-OpenAI-compatible FastAPI app, which knows only the scheduler), `batch.py` (Engine.generate on a list),
-`command.py` (`qsparse serve`). Nothing here imports engine.py: callers pass an engine-like object."""
+OpenAI-compatible FastAPI app, which knows only the scheduler), `batch.py` (Engine.generate on a list);
+`qsparse serve` is cli_serve.py. Nothing here imports engine.py: callers pass an engine-like object."""
 from __future__ import annotations
 
 from typing import Any

@@ -9,9 +9,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..config import SparsityConfig
-from . import DEFAULT_MAX_SLOTS, make_runner
-from .scheduler import Scheduler
+from .config import SparsityConfig
+from .engine import Engine, _pick_device
+from .serving import DEFAULT_MAX_SLOTS, make_runner
+from .serving.scheduler import Scheduler
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,14 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_engine(args: argparse.Namespace) -> tuple[Any, str]:
     """(engine, default model id) for the command's model options."""
-    from ..engine import Engine, _pick_device
-
     if args.shape is None:
         engine = Engine.load(args.model, device=args.device, sparsity=args.sparsity, kv_cache=args.kv_cache)
         return engine, Path(args.model).stem if args.model else "shakespeare"
     if args.model is not None:
         raise ValueError("give either a model file or --shape, not both")
-    from ..random_model import SHAPES, random_engine
+    from .random_model import SHAPES, random_engine
 
     device = _pick_device(args.device)
     sparsity = SparsityConfig.parse(args.sparsity) if args.sparsity else SparsityConfig()
@@ -67,7 +66,7 @@ def gpu_memory_probe() -> tuple[Any, Any]:
 def app_for_engine(engine: Any, model_name: str, max_batch: int | None = None, max_queue: int = 256,
                    prefill_chunk: int = 256, max_len: int | None = None):
     """The FastAPI app serving `engine` (its scheduler thread starts with the app)."""
-    from .api import create_app
+    from .serving.api import create_app
 
     device = "cuda" if engine.gpu is not None else "cpu"
     slots = max_batch or DEFAULT_MAX_SLOTS[device]
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .api import RequestLog
+        from .serving.api import RequestLog
     except ImportError as e:
         raise RuntimeError(f"qsparse serve needs FastAPI and uvicorn ({e}): pip install 'qsparse-infer[serve]'") from None
 
