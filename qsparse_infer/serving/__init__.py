@@ -17,7 +17,7 @@ def make_runner(engine: Any, max_slots: int, max_len: int | None = None) -> Mode
     if getattr(engine, "gpu", None) is not None:
         from .gpu_runner import GpuBatchRunner
 
-        return GpuBatchRunner(engine, max_slots, max_len)
+        return GpuBatchRunner(engine, max_slots=max_slots, max_len=max_len)
     return CpuRunner(engine, max_slots, max_len)
 
 
