@@ -148,11 +148,28 @@ class LaunchedServer:
             self.proc.wait()
 
 
+PEER_LABEL = "torch bf16 static batch (in-process, no HTTP)"
+
+
 def merge_peer(res: dict[str, Any], peer: dict[str, Any]) -> None:
-    """Hook for the batched PyTorch bf16 peer: `peer` = {"label": str, "levels": {"N": {"output_tok_s": float,
-    ...}}} (the same per-level keys as ours where it has them); it is stored under res["peer"] and drawn as
-    its own line."""
+    """Add the batched PyTorch bf16 peer's numbers, stored under res["peer"] and drawn as their own line.
+    `peer` is either {"label": str, "levels": {"N": {"output_tok_s": float, ...}}} or the JSON that
+    bench/batched_decode.py --torch --json writes ({"results": [{"who": "torch", "B", "tok_s", ...}]})."""
+    if "results" in peer:
+        rows = [r for r in peer["results"] if r.get("who") == "torch"]
+        peer = {"label": PEER_LABEL, "levels": {str(r["B"]): {**r, "output_tok_s": r["tok_s"]} for r in rows}}
     res["peer"] = peer
+
+
+def peer_numbers(shape: str, concurrency: list[int], prompt_len: int, new_tokens: int) -> dict[str, Any]:
+    """Run the batched torch bf16 peer (`qsparse_infer.torch_peer.bench_torch_batched`, from the gpu-batch
+    work) at batch = N for each concurrency level, in this process, after the servers have stopped."""
+    from qsparse_infer.random_model import SHAPES
+    from qsparse_infer.torch_peer import bench_torch_batched
+
+    rows = [{**bench_torch_batched(SHAPES[shape], n, prompt_len=prompt_len, new_tokens=new_tokens), "who": "torch"}
+            for n in concurrency]
+    return {"results": rows}
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -236,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-requests", type=int, default=64, help="requests per level at least (default: 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--card", default=None, help="label for the results (default: from the server or 'cpu')")
+    p.add_argument("--peer", action="store_true", help="with --launch --shape: also run the batched torch bf16 "
+                                                          "peer in-process at batch = N (peer_numbers)")
     p.add_argument("--peer-json", default=None, help="merge the batched torch bf16 peer's results (merge_peer)")
     p.add_argument("--json", default=None, help="output (default bench/results/serve-<card>.json)")
     args = p.parse_args(argv)
@@ -265,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     res["card"] = card
     if args.peer_json:
         merge_peer(res, json.loads(Path(args.peer_json).read_text()))
+    elif args.peer:
+        if not args.launch or args.model:
+            p.error("--peer needs --launch with --shape")
+        merge_peer(res, peer_numbers(args.shape, args.concurrency, args.prompt_len, args.new_tokens))
     slug = card.split()[-1].lower() if card != "cpu" else "cpu"
     out = Path(args.json or f"bench/results/serve-{slug}.json")
     write_outputs(res, out)

@@ -294,3 +294,26 @@ def test_serve_help_shows_defaults(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     assert "--port" in out and "8000" in out and "127.0.0.1" in out and "--max-batch" in out
+
+
+def test_bench_client_against_the_server(server, tmp_path):
+    """bench/serve.py end to end on a tiny load: every level reports its tokens, latencies and outputs."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(concurrency=[1, 2], rounds=1, min_requests=1, prompt_len=8, new_tokens=3, seed=0)
+    run = bench.bench_server(server.url, args)
+    assert run["model"] == MODEL and set(run["levels"]) == {"1", "2"}
+    for n, level in run["levels"].items():
+        assert level["requests"] == int(n) and level["output_tokens"] == 3 * int(n)
+        assert level["output_tok_s"] > 0 and level["ttft_ms_p50"] > 0 and level["itl_ms_p50"] > 0
+    res = {"prompt_len": 8, "new_tokens": 3, "concurrency": [1, 2], "card": "cpu", "runs": {MODEL: run}}
+    bench.write_outputs(res, tmp_path / "serve-cpu.json")
+    assert (tmp_path / "serve-cpu.md").read_text().count(f"| {MODEL} |") == 2
+    assert (tmp_path / "serve-cpu.png").stat().st_size > 0
+    assert wait_idle(server)["free_slots"] == SLOTS
