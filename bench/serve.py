@@ -120,6 +120,8 @@ class LaunchedServer:
             cmd += ["--sparsity", sparsity]
         if args.max_batch:
             cmd += ["--max-batch", str(args.max_batch)]
+        if args.prefill_chunk:
+            cmd += ["--prefill-chunk", str(args.prefill_chunk)]
         cmd += ["--max-queue", str(max(args.concurrency) * 2), "--device", args.device]
         self.cmd = cmd
 
@@ -244,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", default="0,0.6", help="with --launch: comma-separated list (default: 0,0.6)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--max-batch", type=int, default=None, help="with --launch: server slots (default: server's)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="with --launch: server's prefill token budget "
+                                                                     "per step (default: server's)")
     p.add_argument("--port", type=int, default=8011, help="with --launch (default: 8011)")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated N (default: 1,4,16,64)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=None, help="requests per client (default: enough for "
                                                                "--min-requests per level)")
-    p.add_argument("--min-requests", type=int, default=64, help="requests per level at least (default: 64)")
+    p.add_argument("--min-requests", type=int, default=32, help="requests per level at least (default: 32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--card", default=None, help="label for the results (default: from the server or 'cpu')")
     p.add_argument("--peer", action="store_true", help="with --launch --shape: also run the batched torch bf16 "

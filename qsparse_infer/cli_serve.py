@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=None,
                    help="sequences decoded together (KV-cache slots); default 8 on the CPU, 64 on the GPU")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503s (default: %(default)s)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per scheduler step, all requests together (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=None,
                    help="positions per slot (prompt + output); default the model's context")
     p.add_argument("--kv-cache", choices=("bf16", "fp32"), default="bf16", help="GPU KV-cache precision (default: %(default)s)")

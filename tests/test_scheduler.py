@@ -119,6 +119,21 @@ def test_chunked_prefill_interleaves_with_decode():
     assert a.tokens == [3, 4, 5, 6, 7, 8] and b.tokens == [10, 11]
 
 
+def test_short_prompts_share_the_prefill_budget():
+    runner = FakeRunner(max_slots=3)
+    sched = Scheduler(runner, prefill_chunk=4)
+    recs = [Recorder() for _ in range(3)]
+    for r in recs:
+        sched.submit(req([1, 2, 3], max_tokens=1), r)
+    sched.step()
+    sched.step()
+    assert [c for c in runner.calls if c[0] == "prefill"] == [
+        ("prefill", 0, 3, True), ("prefill", 1, 1, False),  # step 1: 4 tokens
+        ("prefill", 1, 2, True), ("prefill", 2, 2, False)]  # step 2: 4 tokens
+    sched.run_until_idle()
+    assert [r.tokens for r in recs] == [[4], [4], [4]]
+
+
 def test_eos_and_context_end():
     class Tok:  # the scheduler needs only eos_ids and incremental_decoder() from a tokenizer
         eos_ids = [5]

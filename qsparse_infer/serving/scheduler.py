@@ -7,9 +7,10 @@ the thread that calls `step` (the background thread of `start`, or the caller of
 called from that thread, so an asyncio caller wraps its sink in `loop.call_soon_threadsafe`.
 
 One `step`: admit waiting requests (FIFO) into free slots; drop cancelled requests (freeing their slots);
-run one prefill chunk (at most `prefill_chunk` tokens) of the oldest request still prefilling; then one
-decode step for every request that was already decoding. A long prompt therefore delays the running
-requests' next tokens by one chunk at a time, not by its whole prefill.
+prefill at most `prefill_chunk` prompt tokens in all, oldest request first (a long prompt takes several
+steps, short ones may share a step); then one decode step for every request that was already decoding. A
+long prompt therefore delays the running requests' next tokens by one chunk at a time, not by its whole
+prefill.
 """
 from __future__ import annotations
 
@@ -184,9 +185,13 @@ class Scheduler:
         if not self._active:
             return False
         decoding = [t for t in self._active if t.state == _DECODE]
-        prefilling = next((t for t in self._active if t.state == _PREFILL), None)
-        if prefilling is not None:
-            self._guard([prefilling], lambda: self._prefill_chunk(prefilling))
+        budget = self.prefill_chunk
+        for t in [t for t in self._active if t.state == _PREFILL]:
+            if budget <= 0:
+                break
+            n = min(budget, len(t.request.prompt_ids) - t.prefilled)
+            self._guard([t], lambda t=t, n=n: self._prefill_chunk(t, n))
+            budget -= n
         if decoding:
             self._guard(decoding, lambda: self._decode(decoding))
         return True
@@ -196,9 +201,9 @@ class Scheduler:
         while self.has_work():
             self.step()
 
-    def _prefill_chunk(self, t: Ticket) -> None:
+    def _prefill_chunk(self, t: Ticket, n: int) -> None:
         ids = t.request.prompt_ids
-        chunk = ids[t.prefilled:t.prefilled + self.prefill_chunk]
+        chunk = ids[t.prefilled:t.prefilled + n]
         last = t.prefilled + len(chunk) == len(ids)
         tok = self.runner.prefill(t.slot, chunk, last)
         t.prefilled += len(chunk)
