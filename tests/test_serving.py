@@ -3,8 +3,6 @@ openai client and plain httpx. Greedy answers must equal Engine.generate(..., te
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 
 import pytest
@@ -12,14 +10,13 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
-import uvicorn  # noqa: E402
-
 from qsparse_infer.engine import BUILTIN_MODEL, Engine  # noqa: E402
 from qsparse_infer.format import read_engine, write_engine  # noqa: E402
-from qsparse_infer.serving.api import RequestLog, create_app  # noqa: E402
+from qsparse_infer.serving.api import create_app  # noqa: E402
 from qsparse_infer.cli_serve import app_for_engine  # noqa: E402
 from qsparse_infer.serving.runner import CpuRunner  # noqa: E402
 from qsparse_infer.serving.scheduler import GenerationRequest, Scheduler  # noqa: E402
+from serving_helpers import ServerThread  # noqa: E402
 
 MODEL = "bard"
 SLOTS = 4
@@ -27,32 +24,6 @@ SLOTS = 4
 TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}:\n{{ m['content'] }}\n\n{% endfor %}"
             "{% if add_generation_prompt %}ASSISTANT:\n{% endif %}")
 pytestmark = pytest.mark.filterwarnings("ignore:.*CPU.*:UserWarning")
-
-
-class ServerThread:
-    """uvicorn in a background thread on a free loopback port."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(RequestLog(app), log_level="warning", access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "ServerThread":
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
