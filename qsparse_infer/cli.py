@@ -9,7 +9,8 @@ import warnings
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("qsparse_infer.generation", "generate text (streams to the terminal)"),
+    "generate": ("qsparse_infer.cli_generate", "generate text (streams to the terminal)"),
+    "serve": ("qsparse_infer.cli_serve", "serve a model over HTTP (OpenAI-compatible API)"),
     "convert": ("qsparse_infer.convert", "convert a Hugging Face checkpoint into an engine file"),
     "inspect": ("qsparse_infer.inspect", "print an engine file's config, sparsity and sizes"),
     "bench": ("qsparse_infer.bench", "measure decode tokens/s and memory bandwidth"),

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import generation
 from .config import SparsityConfig
 from .format import EngineFile, build_reference, read_engine
 
@@ -109,25 +110,40 @@ class Engine:
 
     # -- text generation (generation.py) ---------------------------------------------------------
 
-    def generate(self, prompt: Any, **kw: Any):
-        from . import generation
+    def generate(self, prompt: str | Sequence[int] | list, max_new_tokens: int = 256, temperature: float = 0.8,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, max_batch: int | None = None) -> str | list[str]:
+        """The text generated after `prompt` (a str or a list of token ids), the prompt excluded. Stops at an
+        end-of-sequence token, at the first `stop` string (left out), after max_new_tokens or at the end of the
+        context; temperature 0 is greedy, top_k 0 / top_p 1 are off, a seed makes the result reproducible.
 
+        A list of prompts (each a str or a token-id list) returns the list of their texts, decoded together,
+        `max_batch` at a time (default 8 on the CPU, 64 on the GPU), by the serving scheduler; each text
+        equals what that prompt gives alone with the same arguments."""
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        if _is_prompt_batch(prompt):
+            from .serving.batch import generate_batch
+
+            return generate_batch(self, list(prompt), max_batch=max_batch, **kw)
         return generation.generate(self, prompt, **kw)
 
     def stream(self, prompt: Any, **kw: Any):
-        from . import generation
-
         return generation.stream(self, prompt, **kw)
 
     def chat(self, messages: list[dict[str, Any]], **kw: Any):
-        from . import generation
-
         return generation.chat(self, messages, **kw)
 
     def __repr__(self) -> str:
         c = self.config
         return (f"Engine(device={self.device!r}, layers={c.num_layers}, hidden={c.hidden_size}, "
                 f"vocab={c.vocab_size}, sparsity=({self.sparsity.describe()}))")
+
+
+def _is_prompt_batch(prompt: Any) -> bool:
+    """A list/tuple of str or of token-id sequences (a flat list of ints is one prompt of token ids)."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt))
 
 
 def _pick_device(device: str) -> str:

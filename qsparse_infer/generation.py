@@ -1,4 +1,5 @@
-"""Text generation: `generate`, `stream`, `chat` and the `qsparse generate` command.
+"""Text generation: `generate`, `stream` and `chat` for one sequence (the `qsparse generate` command is
+cli_generate.py; batches of prompts go through the serving scheduler, serving/batch.py).
 
 One token loop serves every entry point: `generate` joins the pieces `stream` yields, so both give the
 same text for the same settings and seed by construction (and the tests check it end to end).
@@ -9,14 +10,16 @@ with a KV cache and the same sampling rules in sampling.py.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from .sampling import SamplingSettings, sample_cpu
+from .textstream import TextAssembler, held_back, parse_stops
+
+_held_back = held_back  # old private names, kept for callers of this module
+_stops = parse_stops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,16 +119,6 @@ def _prompt_ids(engine: Any, prompt: str | Sequence[int]) -> list[int]:
     return ids
 
 
-def _stops(stop: str | Sequence[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    for s in stops:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"stop strings must be non-empty str, got {s!r}")
-    return stops
-
-
 def generate_tokens(engine: Any, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                     seed: int | None = None, stop_at_eos: bool = True) -> Iterator[int]:
@@ -149,49 +142,25 @@ def generate_tokens(engine: Any, prompt: str | Sequence[int], max_new_tokens: in
         tok = backend.step()
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
 def stream(engine: Any, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
            top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
            stop: str | Sequence[str] | None = None) -> Iterator[str]:
     """Yield text pieces as they are produced; their concatenation is generate()'s text."""
-    stops = _stops(stop)
+    stops = parse_stops(stop)
     if engine.tokenizer is None:
         raise ValueError("this model has no tokenizer: use generation.generate_tokens with token ids")
     tokens = generate_tokens(engine, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-    dec = engine.tokenizer.incremental_decoder()
-    pending = ""
+    text = TextAssembler(engine.tokenizer, stops)
     for tok in tokens:
-        pending += dec.push(tok)
-        if stops:
-            cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut:
-                    yield pending[:cut]
-                tokens.close()
-                return
-            keep = _held_back(pending, stops)
-            out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-        else:
-            out, pending = pending, ""
+        out = text.push(tok)
         if out:
             yield out
-    pending += dec.flush()
-    if stops:
-        cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            pending = pending[:cut]
-    if pending:
-        yield pending
+        if text.stopped:
+            tokens.close()
+            return
+    out = text.finish()
+    if out:
+        yield out
 
 
 def generate(engine: Any, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
@@ -207,38 +176,3 @@ def chat(engine: Any, messages: list[dict[str, Any]], **kw: Any) -> str:
         raise ValueError("this model has no tokenizer, so it cannot chat")
     text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return generate(engine, engine.tokenizer.encode(text), **kw)
-
-
-# ---------------------------------------------------------------------------------------------
-# qsparse generate
-# ---------------------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", default=None, help="engine file (default: the built-in model)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--sparsity", default=None,
-                   help="override the file's ratios: one value or attn,o,mlp,down (e.g. 0.6 or 0.5,0.5,0.6,0.6)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--lm-head", choices=("bf16", "int8"), default=None,
-                   help="LM head precision (default: what the file has); int8 is quantized at load time if needed")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .engine import Engine
-
-    engine = Engine.load(args.model, device=args.device, sparsity=args.sparsity, lm_head=args.lm_head)
-    for piece in stream(engine, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                        seed=args.seed, stop=args.stop):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0

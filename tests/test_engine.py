@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 import types
 import warnings
 
@@ -11,7 +10,6 @@ import torch
 from builders import engine_tensors, random_reference, sentencepiece_model, tiny_config
 from conftest import requires_gpu
 
-import qsparse_infer
 from qsparse_infer import Engine
 from qsparse_infer.config import SparsityConfig
 from qsparse_infer.format import write_engine
@@ -107,9 +105,8 @@ def test_text_methods_delegate_to_generation(path, monkeypatch):
     fake = types.ModuleType("qsparse_infer.generation")
     for name in ("generate", "stream", "chat"):
         setattr(fake, name, lambda engine, arg, _n=name, **kw: calls.append((_n, engine, arg, kw)) or _n)
-    monkeypatch.setitem(sys.modules, "qsparse_infer.generation", fake)
-    monkeypatch.setattr(qsparse_infer, "generation", fake, raising=False)
+    monkeypatch.setattr(importlib.import_module("qsparse_infer.engine"), "generation", fake)
     engine = Engine.load(path, device="cpu")
     assert engine.generate("ROMEO:", max_new_tokens=3) == "generate"
     assert engine.stream("x") == "stream" and engine.chat([{"role": "user", "content": "hi"}]) == "chat"
-    assert calls[0] == ("generate", engine, "ROMEO:", {"max_new_tokens": 3})
+    assert calls[0][:3] == ("generate", engine, "ROMEO:") and calls[0][3]["max_new_tokens"] == 3
