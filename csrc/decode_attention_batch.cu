@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "decode_common.cuh"
+#include "pdl.cuh"
 #include "decode_rope.cuh"
 
 namespace qsparse {
@@ -133,6 +134,8 @@ __global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int pp = tid / TPP, cl = tid % TPP;
   float* orow = out + (size_t)b * nq * hd + (size_t)kv * G * hd;
+  pdl::launch_dependents();  // the next kernel may start its prologue
+  pdl::wait();  // every input below may come from the previous kernel (pdl.cuh)
 
   const int pos = positions[b], slot = slots[b];
   if (slot < 0 || slot >= num_slots || pos < 0) {  // bad device-side input: loud NaN, no stray access
@@ -407,9 +410,9 @@ void launch_attention(const float* qkv, int stride, int B, int nq, int nkv, int 
                       const void* vc, int num_slots, int max_len, const int32_t* positions, const int32_t* slots,
                       float* out, float* ws, int* counters, int max_splits, int min_chunk, cudaStream_t stream) {
   dim3 grid(max_splits, nkv, B);
-  attention_decode_kernel<C, HD_MAX, VEC><<<grid, kThreads, 0, stream>>>(
+  QS_CUDA_CHECK(pdl::launch(attention_decode_kernel<C, HD_MAX, VEC>, grid, dim3(kThreads), 0, stream,
       qkv, stride, nq, nkv, hd, (const C*)kc, (const C*)vc, num_slots, max_len, positions, slots, out, ws,
-      counters, max_splits, min_chunk, 1.0f / sqrtf((float)hd));
+      counters, max_splits, min_chunk, 1.0f / sqrtf((float)hd)));
   QS_LAUNCH_CHECK("attention_decode_kernel");
 }
 
@@ -449,6 +452,8 @@ __global__ void rope_append_batch_kernel(float* qkv, int stride, int nq, int nkv
                                          const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                          const int32_t* __restrict__ positions, const int32_t* __restrict__ slots,
                                          C* __restrict__ kc, C* __restrict__ vc, int num_slots, int max_len) {
+  pdl::launch_dependents();  // the next kernel may start its prologue
+  pdl::wait();  // every input below may come from the previous kernel (pdl.cuh)
   const int b = blockIdx.y, half = hd / 2;
   const int pos = positions[b], slot = slots[b];
   // the host cannot check device values without a sync; stay in bounds (attention_decode NaNs such rows)
@@ -482,13 +487,13 @@ void rope_append_batch(float* qkv, int stride, int B, int nq, int nkv, int hd, c
   dim3 grid(nq + 2 * nkv, B);
   const int threads = hd / 2 < 32 ? 32 : (hd / 2 > 128 ? 128 : hd / 2);
   if (cache_dtype == kDBF16) {
-    rope_append_batch_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(
+    QS_CUDA_CHECK(pdl::launch(rope_append_batch_kernel<__nv_bfloat16>, grid, dim3(threads), 0, stream,
         qkv, stride, nq, nkv, hd, cos_t, sin_t, positions, slots, (__nv_bfloat16*)kcache, (__nv_bfloat16*)vcache,
-        num_slots, max_len);
+        num_slots, max_len));
   } else if (cache_dtype == kDF32) {
-    rope_append_batch_kernel<float><<<grid, threads, 0, stream>>>(qkv, stride, nq, nkv, hd, cos_t, sin_t,
-                                                                  positions, slots, (float*)kcache,
-                                                                  (float*)vcache, num_slots, max_len);
+    QS_CUDA_CHECK(pdl::launch(rope_append_batch_kernel<float>, grid, dim3(threads), 0, stream, qkv, stride, nq, nkv,
+                              hd, cos_t, sin_t, positions, slots, (float*)kcache, (float*)vcache, num_slots,
+                              max_len));
   } else {
     throw std::invalid_argument("rope_append_batch: KV cache must be float32 or bfloat16");
   }

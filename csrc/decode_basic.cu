@@ -2,6 +2,7 @@
 #include <cmath>
 
 #include "decode_common.cuh"
+#include "pdl.cuh"
 #include "decode_rope.cuh"
 
 namespace qsparse {
@@ -10,6 +11,8 @@ namespace {
 template <typename T>
 __global__ void embedding_kernel(const T* __restrict__ table, const int32_t* __restrict__ ids, int H, int V,
                                  float* __restrict__ out) {
+  pdl::launch_dependents();  // the next kernel may start its prologue
+  pdl::wait();  // every input below may come from the previous kernel (pdl.cuh)
   const int t = blockIdx.y;
   const int id = ids[t];
   const bool ok = id >= 0 && id < V;
@@ -50,11 +53,16 @@ void embedding_gather(const void* table, int dtype, const int32_t* ids, int T, i
   if (T <= 0 || H <= 0) return;
   dim3 grid((H + 255) / 256 < 8 ? (H + 255) / 256 : 8, T);
   switch (dtype) {
-    case kDF32: embedding_kernel<float><<<grid, 256, 0, stream>>>((const float*)table, ids, H, V, out); break;
-    case kDBF16:
-      embedding_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>((const __nv_bfloat16*)table, ids, H, V, out);
+    case kDF32:
+      QS_CUDA_CHECK(pdl::launch(embedding_kernel<float>, grid, dim3(256), 0, stream, (const float*)table, ids, H, V, out));
       break;
-    case kDF16: embedding_kernel<__half><<<grid, 256, 0, stream>>>((const __half*)table, ids, H, V, out); break;
+    case kDBF16:
+      QS_CUDA_CHECK(pdl::launch(embedding_kernel<__nv_bfloat16>, grid, dim3(256), 0, stream,
+                                (const __nv_bfloat16*)table, ids, H, V, out));
+      break;
+    case kDF16:
+      QS_CUDA_CHECK(pdl::launch(embedding_kernel<__half>, grid, dim3(256), 0, stream, (const __half*)table, ids, H, V, out));
+      break;
     default: throw std::invalid_argument("embedding_gather: unsupported table dtype code");
   }
   QS_LAUNCH_CHECK("embedding_kernel");

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "decode_common.cuh"
+#include "pdl.cuh"
 
 namespace qsparse {
 namespace {
@@ -47,6 +48,8 @@ __global__ void __launch_bounds__(kHeadThreads) lm_head_kernel(const float* __re
                                                                float* __restrict__ logits) {
   extern __shared__ float xs[];  // [nt][H]
   __shared__ float scratch[32];
+  pdl::launch_dependents();  // the next kernel may start its prologue
+  pdl::wait();  // every input below may come from the previous kernel (pdl.cuh)
   for (int t = 0; t < nt; ++t) {
     const float* xt = x + (size_t)t * H;
     float r = 1.f;
@@ -137,7 +140,8 @@ void launch_rows(const float* x, const float* norm_w, float eps, const void* Wt,
   // persistent: each block normalizes x once; multi-row blocks hold nt rows of x, so as many as fit per SM
   const int cap = sm_count() * (MAXT == 1 ? 8 : (smem > 100 * 1024 ? 1 : 2));
   if (grid > cap) grid = cap;
-  kern<<<grid, kHeadThreads, smem, stream>>>(x, norm_w, eps, (const W*)Wt, V, H, nt, logits);
+  QS_CUDA_CHECK(pdl::launch(kern, dim3(grid), dim3(kHeadThreads), smem, stream, x, norm_w, eps, (const W*)Wt, V, H,
+                            nt, logits));
   QS_LAUNCH_CHECK("lm_head_kernel");
 }
 

@@ -13,6 +13,7 @@
 #include <cmath>
 
 #include "decode_common.cuh"
+#include "pdl.cuh"
 
 namespace qsparse {
 namespace {
@@ -44,6 +45,8 @@ __global__ void __launch_bounds__(kThreads) lm_head_int8_kernel(const float* __r
                                                                 float* __restrict__ logits) {
   extern __shared__ __align__(16) float xs[];  // [H]
   __shared__ float scratch[32];
+  pdl::launch_dependents();  // the next kernel may start its prologue
+  pdl::wait();  // every input below may come from the previous kernel (pdl.cuh)
   float r = 1.f;
   if (norm_w != nullptr) {
     float ss = 0.f;
@@ -136,7 +139,8 @@ void lm_head_int8(const float* x, const float* norm_w, float eps, const int8_t* 
   const long long warps = (groups + rounds - 1) / rounds;
   const int grid = (int)((warps + warps_per_block - 1) / warps_per_block);
   for (int t = 0; t < T; ++t) {
-    kern<<<grid, kThreads, smem, stream>>>(x + (size_t)t * H, norm_w, eps, Q, scales, V, H, logits + (size_t)t * V);
+    QS_CUDA_CHECK(pdl::launch(kern, dim3(grid), dim3(kThreads), smem, stream, x + (size_t)t * H, norm_w, eps, Q,
+                              scales, V, H, logits + (size_t)t * V));
     QS_LAUNCH_CHECK("lm_head_int8_kernel");
   }
 }

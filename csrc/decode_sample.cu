@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "decode_common.cuh"
+#include "pdl.cuh"
 
 namespace qsparse {
 namespace {
@@ -163,6 +164,8 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __r
   __shared__ int si[32];
   __shared__ unsigned long long hist[256];
   __shared__ unsigned long long sh[2];
+  pdl::launch_dependents();  // the next kernel may start its prologue
+  pdl::wait();  // every input below may come from the previous kernel (pdl.cuh)
   __shared__ unsigned long long wsum[32];
   const int b = blockIdx.x;
   const int r = slots != nullptr ? slots[b] : b;
@@ -243,8 +246,8 @@ void sample_batch(const float* logits, int B, int V, const int32_t* slots, uint8
                   int hist_len, cudaStream_t stream) {
   if (V <= 0) throw std::invalid_argument("sample: empty vocabulary");
   if (B <= 0) return;
-  sample_kernel<<<B, kSampleThreads, 0, stream>>>(logits, V, slots, seen, fparams, iparams, rng, pos, advance, token,
-                                                   history, hist_len);
+  QS_CUDA_CHECK(pdl::launch(sample_kernel, dim3(B), dim3(kSampleThreads), 0, stream, logits, V, slots, seen, fparams,
+                            iparams, rng, pos, advance, token, history, hist_len));
   QS_LAUNCH_CHECK("sample_kernel");
 }
 
