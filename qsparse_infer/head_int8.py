@@ -22,21 +22,24 @@ LM_HEAD_MODES = ("bf16", "int8")  # "bf16": the float head as stored (bf16, fp16
 
 
 def quantize_head(w: torch.Tensor, chunk_rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [V, H] float -> (Q int8 [V, H], scales fp32 [V]) on W's device, in row chunks (bounded fp32 temp)."""
+    """W [V, H] float -> (Q int8 [V, H], scales fp32 [V]) on W's device, in row chunks (bounded fp32 temp).
+
+    Computed on the CPU whatever W's device: torch's CUDA division may round a quotient differently from the
+    CPU's, and a quantized head must not depend on where it was made (tests/test_head_int8_gpu.py)."""
     if w.dim() != 2 or not w.dtype.is_floating_point:
         raise ValueError(f"the head weight must be a 2-D float tensor, got {w.dtype} {tuple(w.shape)}")
     v, h = w.shape
-    q = torch.empty((v, h), dtype=torch.int8, device=w.device)
-    scales = torch.empty(v, dtype=torch.float32, device=w.device)
+    q = torch.empty((v, h), dtype=torch.int8)
+    scales = torch.empty(v, dtype=torch.float32)
     for a in range(0, v, chunk_rows):
-        rows = w[a:a + chunk_rows].float()
+        rows = w[a:a + chunk_rows].to("cpu", torch.float32)
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("the head weight has non-finite values; cannot quantize it to int8")
         s = rows.abs().amax(dim=1) / 127.0
         safe = torch.where(s > 0, s, torch.ones_like(s))
         q[a:a + chunk_rows] = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8)
         scales[a:a + chunk_rows] = s
-    return q, scales
+    return q.to(w.device), scales.to(w.device)
 
 
 def int8_head_logits(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

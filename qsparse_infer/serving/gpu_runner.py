@@ -198,9 +198,9 @@ class GpuBatchRunner:
         self.logits = torch.zeros(bm, cfg.vocab_size, dtype=f32, device=dev)
         self.slot_ids = torch.arange(s1, dtype=i32, device=dev)  # slot_ids[s : s + 1]: a device [1] naming s
         if self.batched_attention:
-            # The batched attention's scratch (split partials); one line to adjust when the kernels land.
-            self.attn_ws = dk.AttentionWorkspace.allocate(bm, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                          self.max_len, dev)
+            # The batched attention's scratch (split partials, arrival counters)
+            self.attn_ws = dk.AttentionWorkspace.create(bm, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                        self.max_len, dev)
         self._len = [0] * s1
         self._state = ["free"] * s1  # free -> begun -> (prefilling) -> ready
         self._host_rows: list[int] = []  # eager fallback: the slots of the current rows
