@@ -104,6 +104,9 @@ def _backend(engine: Any, max_new_tokens: int):
 
 
 def _prompt_ids(engine: Any, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise TypeError("a prompt must be a str or a sequence of int token ids, not bytes: decode it first "
+                        "(e.g. prompt.decode('utf-8'))")
     if isinstance(prompt, str):
         if engine.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass the prompt as a list of token ids")
@@ -166,7 +169,8 @@ def stream(engine: Any, prompt: str | Sequence[int], max_new_tokens: int = 256, 
     """Yield text pieces as they are produced; their concatenation is generate()'s text."""
     stops = _stops(stop)
     if engine.tokenizer is None:
-        raise ValueError("this model has no tokenizer: use generation.generate_tokens with token ids")
+        raise ValueError("this model has no tokenizer, so it cannot produce text: generate token ids with "
+                         "generate_tokens (CLI: qsparse generate --ids)")
     tokens = generate_tokens(engine, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     dec = engine.tokenizer.incremental_decoder()
     pending = ""
@@ -215,7 +219,10 @@ def chat(engine: Any, messages: list[dict[str, Any]], **kw: Any) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt text (or give --ids)")
+    p.add_argument("--ids", default=None,
+                   help="the prompt as token ids, e.g. 1,17,42 (for a model without a tokenizer, the generated ids "
+                        "are printed)")
     p.add_argument("--model", default=None, help="engine file (default: the built-in model)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -232,11 +239,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .engine import Engine
 
+    prompt = _cli_prompt(args)
     engine = Engine.load(args.model, device=args.device, sparsity=args.sparsity)
-    for piece in stream(engine, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    if engine.tokenizer is None:
+        if isinstance(prompt, str):
+            raise ValueError("this model has no tokenizer: give the prompt as token ids with --ids (e.g. --ids 1,17,42)")
+        tokens = generate_tokens(engine, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                 seed=args.seed)
+        for tok in tokens:
+            sys.stdout.write(f"{tok} ")
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for piece in stream(engine, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                         seed=args.seed, stop=args.stop):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _cli_prompt(args: argparse.Namespace) -> str | list[int]:
+    """The prompt text, or the token ids given with --ids (exactly one of the two)."""
+    if (args.prompt is None) == (args.ids is None):
+        raise ValueError("give either a prompt text or --ids (not both)")
+    if args.ids is None:
+        return args.prompt
+    try:
+        return [int(x) for x in args.ids.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--ids must be integers separated by commas or spaces, got {args.ids!r}") from None
