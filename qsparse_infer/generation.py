@@ -224,16 +224,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the prompt as token ids, e.g. 1,17,42 (for a model without a tokenizer, the generated ids "
                         "are printed)")
     p.add_argument("--model", default=None, help="engine file (default: the built-in model)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generate at most this many tokens")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens seen so far")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (default: random)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--sparsity", default=None,
                    help="override the file's ratios: one value or attn,o,mlp,down (e.g. 0.6 or 0.5,0.5,0.6,0.6)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU if there is one, else the CPU")
 
 
 def run(args: argparse.Namespace) -> int:
