@@ -225,3 +225,17 @@ def test_engine_text_methods_have_real_signatures():
     assert "messages" in params and "temperature" in params and Engine.chat.__doc__
     assert not any(p.kind == p.VAR_KEYWORD for m in ("generate", "stream", "chat")
                    for p in inspect.signature(getattr(Engine, m)).parameters.values())
+
+
+def test_gpu_skip_reason_names_what_is_missing():
+    import importlib.util
+
+    from conftest import GPU_OK, GPU_SKIP_REASON
+
+    if GPU_OK:
+        pytest.skip("a GPU is here: nothing is skipped")
+    compiled = importlib.util.find_spec("qsparse_infer._C") is not None
+    if compiled:
+        assert "missing" not in GPU_SKIP_REASON and "GPU" in GPU_SKIP_REASON
+    else:
+        assert "qsparse_infer._C is missing" in GPU_SKIP_REASON
