@@ -239,3 +239,18 @@ def test_gpu_skip_reason_names_what_is_missing():
         assert "missing" not in GPU_SKIP_REASON and "GPU" in GPU_SKIP_REASON
     else:
         assert "qsparse_infer._C is missing" in GPU_SKIP_REASON
+
+
+def test_cli_disk_full_while_writing_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+    import importlib
+
+    fmt = importlib.import_module("qsparse_infer.format")
+
+    def full(f, tensors, metadata):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "m.qsp"))
+
+    monkeypatch.setattr(fmt, "write_safetensors", full)
+    src = make_bitnet_folder(tmp_path / "hf")
+    _one_line_error(capsys, ["convert", str(src), str(tmp_path / "m.qsp")], "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
