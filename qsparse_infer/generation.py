@@ -244,12 +244,12 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine.load(args.model, device=args.device, sparsity=args.sparsity)
     if engine.tokenizer is None:
         if isinstance(prompt, str):
-            raise ValueError("this model has no tokenizer: give the prompt as token ids with --ids (e.g. --ids 1,17,42)")
+            raise ValueError("this model has no tokenizer: give the prompt as token ids, e.g. --ids 1,17,42")
         tokens = generate_tokens(engine, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                  seed=args.seed)
-        for tok in tokens:
-            sys.stdout.write(f"{tok} ")
+        for i, tok in enumerate(tokens):
+            sys.stdout.write(f" {tok}" if i else str(tok))
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0

@@ -449,7 +449,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .train_data import DEFAULT_VAL_WORKS, DEFAULT_VOCAB
 
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=DEFAULT_CORPUS, help="corpus: a folder of *_gut.txt works, or a .tar.xz of one (default: %(default)s)")
+    d.add_argument("--data", default=DEFAULT_CORPUS,
+                   help="corpus: a folder of *_gut.txt works, or a .tar.xz of one (default: %(default)s)")
     d.add_argument("--val-works", default=",".join(DEFAULT_VAL_WORKS),
                    help="comma-separated works held out for validation (default: %(default)s)")
     d.add_argument("--tokenizer", default=None, help="existing tokenizer.model (default: train one on the training works)")
