@@ -33,10 +33,18 @@ def gpu_available() -> bool:
         return False
 
 
-def require_gpu() -> None:
-    """Raise RuntimeError naming what is missing (extension, driver or device)."""
+CPU_HINT = "to run on the CPU instead, pass --device cpu (in Python: device=\"cpu\")"
+
+
+def require_gpu(cpu_hint: str = CPU_HINT) -> None:
+    """Raise RuntimeError naming what is missing (extension, driver or device), then `cpu_hint`: what to do
+    instead, in the words of the caller (the CLI and Python spell the CPU option differently)."""
     import torch
 
-    ext().require_gpu()
+    try:
+        ext().require_gpu()
+    except RuntimeError as e:
+        reason = str(e).split("; use device=")[0]  # the extension's own advice is Python-only
+        raise RuntimeError(f"{reason}; {cpu_hint}") from None
     if not torch.cuda.is_available():
-        raise RuntimeError("torch cannot see a CUDA GPU (CPU-only torch build?); use device=\"cpu\"")
+        raise RuntimeError(f"torch cannot see a CUDA GPU (CPU-only torch build?); {cpu_hint}")

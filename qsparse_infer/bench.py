@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from . import _ext
 
-    _ext.require_gpu()
+    _ext.require_gpu(cpu_hint="qsparse bench measures the CUDA kernels and has no CPU mode")
     if args.prompt_len < 1 or args.new_tokens < 1:
         raise ValueError("--prompt-len and --new-tokens must be >= 1")
     res = run_bench(args)

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 import warnings
+
+from safetensors import SafetensorError
+
+DESCRIPTION = "qsparse-infer: run, convert, inspect, benchmark and train Q-Sparse (BitNet b1.58 + top-K) models."
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -19,12 +25,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
-    parser = argparse.ArgumentParser(prog="qsparse", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="qsparse", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"qsparse-infer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     module = None
     for name, (mod_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == chosen:  # only the command being run pays for its imports
             module = importlib.import_module(mod_name)
             module.add_arguments(p)
@@ -44,14 +54,40 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         parser.print_help()
         return 2
+    _exit_cleanly_on_sigterm()
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except BrokenPipeError:  # e.g. `qsparse generate ... | head -c 20`: the reader left, nothing is wrong
+        _silence_stdout()
+        return 1
+    except (ValueError, OSError, RuntimeError, SafetensorError) as e:
+        # Bad input: one line naming what is wrong (OSError includes the file name, e.g. permission denied).
         print(f"qsparse {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM raises SystemExit (exit status 143), so that `finally` blocks and the writers' clean-up of their
+    temp files run, as they do for Ctrl-C."""
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (main() called from a thread): keep the default
+        pass
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

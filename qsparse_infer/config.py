@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,14 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"config.{name} must be a finite number > 0, got {value!r}")
+        for name in ("attn_sub_norm", "ffn_sub_norm", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config.{name} must be true or false, got {getattr(self, name)!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"config.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.num_heads % self.num_kv_heads:
@@ -131,3 +140,15 @@ def topk_count(dim: int, sparsity: float) -> int:
     """K = int((1 - S) * D): the number of input channels a token keeps. Computed once, on the host,
     so the CPU reference and every GPU kernel agree on it exactly."""
     return int((1.0 - sparsity) * dim)
+
+
+def check_topk(cfg: ModelConfig, sparsity: SparsityConfig) -> None:
+    """Raise ValueError when a ratio keeps K = 0 input channels of its projection (the output would be
+    only the bias-free zero vector: garbage without a word)."""
+    dims = {"attn": cfg.hidden_size, "o": cfg.q_size, "mlp": cfg.hidden_size, "down": cfg.intermediate_size,
+            "lm_head": cfg.hidden_size}
+    for group, dim in dims.items():
+        ratio = getattr(sparsity, group)
+        if topk_count(dim, ratio) < 1:
+            raise ValueError(f"sparsity.{group} = {ratio:g} keeps K = 0 of {dim} input channels; use a smaller ratio "
+                             f"(at most {1 - 1 / dim:.6g})")

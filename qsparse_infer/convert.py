@@ -10,7 +10,8 @@ We dispatch on config.json `architectures`, never on `model_type`:
     with a `weight_scale`: quantization_config.linear_class "autobitlinear" multiplies (beta = weight_scale),
     "bitlinear" (the default) divides (beta = 1 / weight_scale);
   - offline unpacked "autobitlinear": float tensors already holding {-1, 0, 1}, beta = weight_scale;
-  - latent (online mode, or no quantization_config): float weights ternarized with absmean.
+  - latent (online mode): float weights ternarized with absmean. Without any quantization_config the
+    checkpoint is a full-precision model to transformers: refused unless --ternarize.
   Sub-norms `self_attn.attn_sub_norm` / `mlp.ffn_sub_norm`; `hidden_act` relu2 or silu; `rope_theta` at top
   level or inside `rope_parameters`; the LM head falls back to `embed_tokens` when tied or missing.
   quantization_config.use_rms_norm = true (an extra RMSNorm inside every BitLinear) is rejected.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -40,9 +42,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from .config import ModelConfig, SparsityConfig
+from .config import ModelConfig, SparsityConfig, check_topk
 from .format import GROUPS, group_geometry, write_engine
 from .quant import pack_ternary, ternarize_absmean, unpack_hf_bitnet
 
@@ -68,7 +70,9 @@ class Checkpoint:
         index = folder / "model.safetensors.index.json"
         self.where: dict[str, Path] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ConversionError(f"{index} has no 'weight_map' object (tensor name -> shard file)")
             for name, fname in weight_map.items():
                 path = folder / fname
                 if not path.is_file():
@@ -79,7 +83,7 @@ class Checkpoint:
             if not files:
                 raise ConversionError(f"no *.safetensors weights found in {folder}")
             for path in files:
-                with safe_open(str(path), framework="pt") as f:
+                with _open_shard(path) as f:
                     for name in f.keys():
                         self.where[name] = path
         self._open: dict[Path, Any] = {}
@@ -94,8 +98,19 @@ class Checkpoint:
         self.used.add(name)
         path = self.where[name]
         if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt")
-        return self._open[path].get_tensor(name)
+            self._open[path] = _open_shard(path)
+        try:
+            return self._open[path].get_tensor(name)
+        except SafetensorError as e:
+            raise ConversionError(f"{path}: cannot read tensor {name!r}: {e}") from None
+
+
+def _open_shard(path: Path):
+    """safe_open, with a corrupt or unreadable shard reported as a ConversionError naming the file."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise ConversionError(f"{path}: not a valid safetensors file: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +171,8 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 def _llama_like_config(hf: dict[str, Any], ckpt: Checkpoint, names: dict[str, str], default_act: str) -> ModelConfig:
     try:
         hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        if heads <= 0:
+            raise ConversionError(f"config.json: num_attention_heads must be > 0, got {heads}")
         act = hf.get("hidden_act", default_act)
         if act not in ("relu2", "silu"):
             raise ConversionError(f"hidden_act {act!r} is not supported (relu2 or silu)")
@@ -171,7 +188,7 @@ def _llama_like_config(hf: dict[str, Any], ckpt: Checkpoint, names: dict[str, st
             ffn_sub_norm=names["ffn_sub_norm"].format(i=0) in ckpt, tie_word_embeddings=tied)
     except KeyError as e:
         raise ConversionError(f"config.json lacks required key {e.args[0]!r}") from None
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # e.g. "hidden_size": null, "rms_norm_eps": "abc"
         if isinstance(e, ConversionError):
             raise
         raise ConversionError(f"config.json describes an invalid model: {e}") from None
@@ -187,8 +204,18 @@ def _hf_sparsity(hf: dict[str, Any]) -> SparsityConfig | None:
     return None
 
 
-def read_bitnet(hf: dict[str, Any], ckpt: Checkpoint) -> Layout:
+def read_bitnet(hf: dict[str, Any], ckpt: Checkpoint, ternarize: bool = False) -> Layout:
     qc = hf.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise ConversionError(f"config.json: quantization_config must be an object, got {qc!r}")
+    if not qc:
+        if not ternarize:
+            raise ConversionError(
+                "config.json has no quantization_config, so transformers runs this BitNetForCausalLM at full "
+                "precision; converting would ternarize its weights and change its outputs. Pass ternarize=True "
+                "(--ternarize) to convert it anyway")
+        warnings.warn("ternarizing a full-precision BitNetForCausalLM (no quantization_config): the engine's "
+                      "outputs will differ from transformers'")
     if qc and qc.get("quant_method", "bitnet") != "bitnet":
         raise ConversionError(f"quantization_config.quant_method {qc.get('quant_method')!r} is not supported")
     if qc.get("use_rms_norm"):
@@ -311,7 +338,12 @@ def build_tensors(ckpt: Checkpoint, layout: Layout, dtype: torch.dtype | None, p
     def floats(role: str, shape: tuple[int, ...], i: int | None = None) -> torch.Tensor:
         name = n[role].format(i=i)
         t = _check_float(name, ckpt.get(name), shape)
-        return t.to(dtype) if dtype is not None else t
+        if dtype is not None:
+            t = t.to(dtype)
+            if not bool(torch.isfinite(t).all()):
+                raise ConversionError(f"tensor {name!r} overflows {dtype} (values beyond its range); choose a "
+                                      f"wider --dtype")
+        return t
 
     out: dict[str, torch.Tensor] = {"embed_tokens": floats("embed", (v, h)), "norm": floats("norm", (h,))}
     if not cfg.tie_word_embeddings:
@@ -436,20 +468,46 @@ def _read_json(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_destination(src: Path, dst: Path, force: bool) -> None:
+    """Refuse a destination that would destroy an input or a non-file (a device node, a FIFO)."""
+    if dst.is_dir():
+        raise ConversionError(f"{dst} is a directory; give a file path for the engine file")
+    if dst.exists() and not dst.is_file():
+        raise ConversionError(f"{dst} is not a regular file; refusing to replace it")
+    if src.is_dir():
+        inside = dst.resolve().parent == src.resolve()
+        if inside and dst.suffix in (".safetensors", ".json", ".model", ".jinja"):
+            raise ConversionError(f"{dst} is (or would become) one of the checkpoint's own files in {src}; "
+                                  f"write the engine file elsewhere")
+        if dst.exists() and any(f.is_file() and os.path.samefile(f, dst) for f in src.iterdir()):
+            raise ConversionError(f"{dst} is one of the checkpoint's own files in {src}; write the engine file "
+                                  f"elsewhere")
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} already exists; pass force=True (--force) to overwrite it")
+
+
+def _source_note(arch: str, src: Path) -> str:
+    """Where the model came from, without the converting machine's absolute paths: the folder relative to the
+    working directory when it lies inside it, else its name."""
+    try:
+        where = src.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        where = src.resolve().name
+    return f"{arch} from {where}"
+
+
 def convert(src: str | Path, dst: str | Path, sparsity: SparsityConfig | str | float | None = None,
             dtype: str | torch.dtype | None = None, force: bool = False, progress: bool = True,
-            lm_head: str = "bf16") -> Path:
-    """Convert the Hugging Face folder `src` into the engine file `dst`; returns `dst`. lm_head="int8" also
-    stores the int8 head (head_int8.py) beside the float one."""
+            ternarize: bool = False, lm_head: str = "bf16") -> Path:
+    """Convert the Hugging Face folder `src` into the engine file `dst`; returns `dst`. ternarize=True
+    converts a BitNetForCausalLM without quantization_config (a full-precision model to transformers).
+    lm_head="int8" also stores the int8 head (head_int8.py) beside the float one."""
     from .head_int8 import LM_HEAD_MODES, Q8, Q8_SCALES, head_source, quantize_head
 
     if lm_head not in LM_HEAD_MODES:
         raise ConversionError(f"lm_head must be one of {LM_HEAD_MODES}, got {lm_head!r}")
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} already exists; pass force=True (--force) to overwrite it")
-    if dst.is_dir():
-        raise ConversionError(f"{dst} is a directory; give a file path for the engine file")
+    _check_destination(src, dst, force)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a checkpoint folder")
     if not (src / "config.json").is_file():
@@ -465,7 +523,7 @@ def convert(src: str | Path, dst: str | Path, sparsity: SparsityConfig | str | f
             raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     ckpt = Checkpoint(src)
-    layout = ARCHITECTURES[arch](hf, ckpt)
+    layout = read_bitnet(hf, ckpt, ternarize) if arch == "BitNetForCausalLM" else ARCHITECTURES[arch](hf, ckpt)
     if sparsity is None:
         sp = layout.recorded_sparsity or SparsityConfig()
     elif isinstance(sparsity, SparsityConfig):
@@ -484,8 +542,8 @@ def convert(src: str | Path, dst: str | Path, sparsity: SparsityConfig | str | f
         more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
         warnings.warn(f"{len(unused)} checkpoint tensors are not used by the converted model: {unused[:8]}{more}")
     info, tok_bytes = read_tokenizer(src, hf, layout.config.vocab_size)
-    source = f"{arch} from {src.resolve()}"
-    return write_engine(dst, layout.config, sp, tensors, info, tok_bytes, source)
+    check_topk(layout.config, sp)
+    return write_engine(dst, layout.config, sp, tensors, info, tok_bytes, _source_note(arch, src), overwrite=force)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -498,11 +556,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     parser.add_argument("--lm-head", choices=("bf16", "int8"), default="bf16",
                         help="int8: also store a per-row absmax int8 LM head (half the head's bytes per token)")
+    parser.add_argument("--ternarize", action="store_true",
+                        help="convert a BitNetForCausalLM without quantization_config (full precision to "
+                             "transformers) by ternarizing it: its outputs will differ from transformers'")
 
 
 def run(args: argparse.Namespace) -> int:
     dst = convert(args.src, args.dst, sparsity=args.sparsity, dtype=args.dtype, force=args.force,
-                  lm_head=args.lm_head)
+                  lm_head=args.lm_head, ternarize=args.ternarize)
     from .format import read_engine
 
     ef = read_engine(dst)

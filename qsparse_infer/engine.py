@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from . import generation
-from .config import SparsityConfig
+from .config import SparsityConfig, check_topk
 from .format import EngineFile, build_reference, read_engine
 
 BUILTIN_MODEL = Path(__file__).resolve().parent / "data" / "shakespeare.qsp"
@@ -43,11 +43,12 @@ class Engine:
         self._model: torch.nn.Module | None = None
         self.auto_cpu_fallback = False
         self.gpu = None
+        if kv_cache not in KV_CACHE_DTYPES:  # checked on the CPU too, so a typo fails where it is written
+            raise ValueError(f"kv_cache must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache!r}")
+        check_topk(self.config, sparsity)
         if device == "cuda":
             from .gpu_model import GpuModel
 
-            if kv_cache not in KV_CACHE_DTYPES:
-                raise ValueError(f"kv_cache must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache!r}")
             self.gpu = GpuModel(self.file, self.sparsity, kv_dtype=KV_CACHE_DTYPES[kv_cache])
 
     @classmethod
@@ -128,11 +129,23 @@ class Engine:
             return generate_batch(self, list(prompt), max_batch=max_batch, **kw)
         return generation.generate(self, prompt, **kw)
 
-    def stream(self, prompt: Any, **kw: Any):
-        return generation.stream(self, prompt, **kw)
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
+               top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None) -> Iterator[str]:
+        """Like generate(), but yield the text in pieces as it is produced; the pieces join to generate()'s
+        text for the same arguments and seed."""
+        return generation.stream(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                                 stop=stop)
 
-    def chat(self, messages: list[dict[str, Any]], **kw: Any):
-        return generation.chat(self, messages, **kw)
+    def chat(self, messages: list[dict[str, Any]], max_new_tokens: int = 256, temperature: float = 0.8,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             stop: str | Sequence[str] | None = None) -> str:
+        """Reply to a conversation, e.g. [{"role": "user", "content": "Hello"}], through the tokenizer's chat
+        template; returns the assistant's text. The sampling arguments are generate()'s."""
+        return generation.chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                               stop=stop)
 
     def __repr__(self) -> str:
         c = self.config

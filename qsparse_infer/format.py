@@ -6,19 +6,21 @@ validates metadata, the tensor set, shapes, dtypes and scales against the config
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+import secrets
+import stat
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
-from .config import ModelConfig, SparsityConfig
+from .config import ModelConfig, SparsityConfig, check_topk
 from .head_int8 import Q8, Q8_SCALES
 from .quant import LAYOUT_CONCAT, LAYOUT_INTERLEAVE, packed_columns, unpack_ternary
 
@@ -122,6 +124,10 @@ def validate_tokenizer_info(info: dict[str, Any], has_bytes: bool) -> None:
         raise EngineFormatError(f"tokenizer.eos_ids must be a list of integers, got {eos!r}")
     if info.get("chat_template") is not None and not isinstance(info["chat_template"], str):
         raise EngineFormatError("tokenizer.chat_template must be a string or null")
+    special = info.get("special_tokens", {})
+    if not isinstance(special, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in special.items()):
+        raise EngineFormatError(f"tokenizer.special_tokens must map names to strings, got {special!r}")
 
 
 def validate_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], has_tokenizer: bool) -> None:
@@ -166,6 +172,8 @@ def validate_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], has_tok
                 raise EngineFormatError(f"tensor {name!r} has non-finite or negative scales")
         elif t.dtype not in FLOAT_DTYPES:
             raise EngineFormatError(f"tensor {name!r} must be float16, bfloat16 or float32, got {t.dtype}")
+        elif not bool(torch.isfinite(t).all()):
+            raise EngineFormatError(f"tensor {name!r} contains NaN or infinite values")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +183,9 @@ def validate_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], has_tok
 
 def write_engine(path: str | os.PathLike, config: ModelConfig, sparsity: SparsityConfig,
                  tensors: dict[str, torch.Tensor], tokenizer_info: dict[str, Any] | None = None,
-                 tokenizer_bytes: bytes | None = None, source: str = "") -> Path:
-    """Validate and write an engine file atomically. `tensors` excludes `tokenizer.bytes` (pass the bytes)."""
+                 tokenizer_bytes: bytes | None = None, source: str = "", overwrite: bool = True) -> Path:
+    """Validate and write an engine file atomically. `tensors` excludes `tokenizer.bytes` (pass the bytes).
+    overwrite=False fails with FileExistsError if `path` exists when the finished file is moved there."""
     path = Path(path)
     info = dict(tokenizer_info or {"kind": "none"})
     info.setdefault("bos_id", None)
@@ -189,6 +198,7 @@ def write_engine(path: str | os.PathLike, config: ModelConfig, sparsity: Sparsit
         all_tensors["tokenizer.bytes"] = torch.frombuffer(bytearray(tokenizer_bytes), dtype=torch.uint8)
     validate_tokenizer_info(info, tokenizer_bytes is not None)
     validate_tensors(config, all_tensors, tokenizer_bytes is not None)
+    check_topk(config, sparsity)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -200,15 +210,91 @@ def write_engine(path: str | os.PathLike, config: ModelConfig, sparsity: Sparsit
     if Q8 in all_tensors:
         metadata["lm_head"] = "int8"  # the tensors are the truth; this key makes the choice visible to tools
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    if path.exists() and not path.is_file():
+        raise EngineFormatError(f"{path} exists and is not a regular file; refusing to replace it")
+    remove_stale_temps(path)
+    # One temp file that we own (created with the umask's permissions, not mkstemp's 0600), written by our own
+    # safetensors writer: safetensors' save_file would add a second temp file of its own beside it.
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        save_file(all_tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as f:
+            write_safetensors(f, all_tensors, metadata)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite and path.is_file():  # --force keeps the replaced file's permissions
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        _publish(tmp, path, overwrite)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# safetensors dtype names; ordered writes (widest element first) keep every tensor aligned to its element size.
+_ST_DTYPES = {torch.float64: "F64", torch.int64: "I64", torch.float32: "F32", torch.int32: "I32",
+              torch.float16: "F16", torch.bfloat16: "BF16", torch.int16: "I16", torch.uint8: "U8",
+              torch.int8: "I8", torch.bool: "BOOL"}
+
+
+def write_safetensors(f, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Stream `tensors` into the open binary file f in the safetensors layout (8-byte header length, JSON
+    header padded to 8 bytes, then the data), one tensor at a time."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for name in order:
+        t = tensors[name].contiguous().reshape(-1)
+        if t.numel():
+            f.write(t.view(torch.uint8).numpy().data)
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished temp file to `path`. Without overwrite the move itself fails when `path` exists (a
+    hard link never replaces), so two writers racing for one name cannot silently replace each other."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; pass force=True (--force) to overwrite it") from None
+    except OSError:  # a file system without hard links: check, then rename (not race-free there)
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; pass force=True (--force) to overwrite it") from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove temp files of earlier writes to `path` whose process is gone (killed, e.g. by SIGKILL)."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)-[0-9a-f]{8}\.tmp")
+    for tmp in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
+        m = pattern.fullmatch(tmp.name)
+        if m and not _pid_alive(int(m.group(1))):
+            tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,12 +302,28 @@ def write_engine(path: str | os.PathLike, config: ModelConfig, sparsity: Sparsit
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_regular_file(path: str | os.PathLike) -> Path:
+    """The path as a Path if it names a regular file; else an error that says what it names instead."""
+    if os.fspath(path) == "":
+        raise FileNotFoundError("no engine file given (the path is empty)")
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"engine file not found: {path}") from None
+    except OSError as e:  # a symlink loop, a path through a file, a name too long, no permission
+        raise EngineFormatError(f"{path}: cannot open the engine file: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise EngineFormatError(f"{path} is a directory, not an engine file")
+    if not stat.S_ISREG(st.st_mode):
+        raise EngineFormatError(f"{path} is not a regular file, so it cannot be an engine file")
+    return path
+
+
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and check the safetensors header without loading tensor data. Raises EngineFormatError for a
     file that is not safetensors or is truncated (data offsets beyond the end of the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"engine file not found: {path}")
+    path = _check_regular_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -253,10 +355,13 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
 def read_engine(path: str | os.PathLike) -> EngineFile:
     """Read and fully validate an engine file. Tensors are returned on the CPU."""
-    path = Path(path)
     header = read_header(path)
+    path = Path(path)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise EngineFormatError(f"{path}: corrupt safetensors metadata (not a JSON object)")
@@ -264,9 +369,11 @@ def read_engine(path: str | os.PathLike) -> EngineFile:
         raise EngineFormatError(
             f"{path}: not a qsparse-infer engine file (metadata 'format' is {meta.get('format')!r}, expected "
             f"{FORMAT_NAME!r}); convert a checkpoint with `qsparse convert`")
+    if "format_version" not in meta:
+        raise EngineFormatError(f"{path}: metadata has no 'format_version' entry")
     try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
+        version = int(meta["format_version"])
+    except (TypeError, ValueError):
         raise EngineFormatError(f"{path}: bad format_version {meta.get('format_version')!r}") from None
     if version not in SUPPORTED_VERSIONS:
         raise EngineFormatError(
@@ -275,18 +382,27 @@ def read_engine(path: str | os.PathLike) -> EngineFile:
     cfg = _parse_meta(path, meta, "config", ModelConfig.from_dict)
     sparsity = _parse_meta(path, meta, "sparsity", SparsityConfig.from_dict)
     info = _parse_meta(path, meta, "tokenizer", lambda d: d)
+    # Sizes the metadata claims are checked against the file before anything is built from them.
+    has_tok = "tokenizer.bytes" in header
+    file_layers = len({m.group(1) for m in map(_LAYER_RE.match, header) if m})
+    if cfg.num_layers > file_layers:
+        raise EngineFormatError(f"{path}: the config claims {cfg.num_layers} layers, but the file holds tensors "
+                                f"for {file_layers}")
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for name in f.keys():
-            tensors[name] = f.get_tensor(name)
-    has_tok = "tokenizer.bytes" in tensors
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    except SafetensorError as e:
+        raise EngineFormatError(f"{path}: corrupt safetensors file: {e}") from None
     try:
         validate_tokenizer_info(info, has_tok)
         validate_tensors(cfg, tensors, has_tok)
         if meta.get("lm_head", "float") != ("int8" if Q8 in tensors else "float"):
             raise EngineFormatError(f"metadata lm_head={meta.get('lm_head')!r} disagrees with the tensors "
                                     f"({Q8!r} {'present' if Q8 in tensors else 'absent'})")
-    except EngineFormatError as e:
+        check_topk(cfg, sparsity)
+    except (EngineFormatError, ValueError) as e:
         raise EngineFormatError(f"{path}: {e}") from None
     tok_bytes = tensors.pop("tokenizer.bytes").numpy().tobytes() if has_tok else None
     return EngineFile(version, cfg, sparsity, info, tok_bytes, tensors, meta.get("source", ""))

@@ -107,6 +107,9 @@ def _backend(engine: Any, max_new_tokens: int):
 
 
 def _prompt_ids(engine: Any, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise TypeError("a prompt must be a str or a sequence of int token ids, not bytes: decode it first "
+                        "(e.g. prompt.decode('utf-8'))")
     if isinstance(prompt, str):
         if engine.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass the prompt as a list of token ids")
@@ -148,7 +151,8 @@ def stream(engine: Any, prompt: str | Sequence[int], max_new_tokens: int = 256, 
     """Yield text pieces as they are produced; their concatenation is generate()'s text."""
     stops = parse_stops(stop)
     if engine.tokenizer is None:
-        raise ValueError("this model has no tokenizer: use generation.generate_tokens with token ids")
+        raise ValueError("this model has no tokenizer, so it cannot produce text: generate token ids with "
+                         "generate_tokens (CLI: qsparse generate --ids)")
     tokens = generate_tokens(engine, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     text = TextAssembler(engine.tokenizer, stops)
     for tok in tokens:

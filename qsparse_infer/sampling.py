@@ -3,7 +3,7 @@ csrc/decode_sample.cu follows the same rules, with the same counter-based random
 
 Rules, for logits x [V] fp32 at generation step `step`:
   1. Repetition penalty rp on every token seen so far (prompt included): x < 0 ? x * rp : x / rp.
-  2. temperature == 0: greedy, argmax of x, the lower index wins ties.
+  2. temperature == 0 (or below MIN_TEMPERATURE): greedy, argmax of x, the lower index wins ties.
   3. Else z = x / temperature. Keep tokens with z >= tau, tau = max of
      - tau_k: the top_k-th largest z (top_k > 0), ties at the threshold all kept;
      - tau_p: the largest value such that the softmax mass of the kept tokens with z >= tau_p reaches
@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 _M64 = (1 << 64) - 1
+# Below this a temperature acts greedy: sampling at it is greedy in all but exact ties anyway, and dividing
+# fp32 logits by a temperature near 1e-39 overflows to inf (inf - inf = NaN in the softmax).
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -43,6 +46,8 @@ class SamplingSettings:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         self.temperature = float(self.temperature)
+        if self.temperature < MIN_TEMPERATURE:  # logits / such a temperature would overflow fp32
+            self.temperature = 0.0
         self.top_p = float(self.top_p)
         self.repetition_penalty = float(self.repetition_penalty)
 

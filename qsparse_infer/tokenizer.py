@@ -66,6 +66,11 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. from invalid UTF-8 on a command line
+            raise ValueError(f"the text is not valid Unicode (character {e.start}: {text[e.start]!r}); it was "
+                             f"probably read from bytes that are not UTF-8") from None
         if self.kind == "sentencepiece":
             ids: list[int] = []
             parts = self._special_re.split(text) if self._special_re else [text]

@@ -36,7 +36,8 @@ from .quant import ABSMAX_EPS, WEIGHT_EPS
 from .reference import Transformer
 
 ARCHITECTURE = "QSparseForCausalLM"
-DEFAULT_CORPUS = "../shared/data/shakespeare"
+# Relative to the repo root (or site-packages), where train_data.resolve_corpus also looks: the shipped archive.
+DEFAULT_CORPUS = "qsparse_infer/data/shakespeare-corpus.tar.xz"
 # fp32 latent weights are kept in model.safetensors only while the file stays below this size.
 FP32_FILE_LIMIT = 16 * 1024 * 1024
 INIT_STD = 0.02
@@ -448,7 +449,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .train_data import DEFAULT_VAL_WORKS, DEFAULT_VOCAB
 
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=DEFAULT_CORPUS, help="corpus folder of *_gut.txt works (default: %(default)s)")
+    d.add_argument("--data", default=DEFAULT_CORPUS,
+                   help="corpus: a folder of *_gut.txt works, or a .tar.xz of one (default: %(default)s)")
     d.add_argument("--val-works", default=",".join(DEFAULT_VAL_WORKS),
                    help="comma-separated works held out for validation (default: %(default)s)")
     d.add_argument("--tokenizer", default=None, help="existing tokenizer.model (default: train one on the training works)")

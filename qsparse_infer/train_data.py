@@ -1,14 +1,16 @@
 """Training data for `qsparse train`: the Shakespeare corpus, its train/validation split by whole works,
 the SentencePiece tokenizer, and the token streams the trainer samples from.
 
-The corpus is a folder of `*_gut.txt` works plus `metadata.txt` (INI-style sections naming each work's
-title); see its SOURCE.md. Two whole works are held out for validation, so the validation loss measures
+The corpus is a folder (or a tar archive of one) of `*_gut.txt` works plus `metadata.txt` (INI-style
+sections naming each work's title); see its SOURCE.md. The default is the archive shipped in
+qsparse_infer/data. Two whole works are held out for validation, so the validation loss measures
 text the model (and the tokenizer) never saw.
 """
 from __future__ import annotations
 
 import configparser
 import io
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,10 @@ import torch
 # Held out for validation: one tragedy and one comedy, both mid-sized (about 4% of the corpus).
 DEFAULT_VAL_WORKS = ("macbeth_gut", "twelfth_night_gut")
 DEFAULT_VOCAB = 4096
+# The Shakespeare corpus ships with the package (42 public-domain works, 5 MB as text; see
+# shakespeare-corpus.SOURCE.md beside it), so `qsparse train` reproduces the built-in model from a clone.
+BUILTIN_CORPUS = Path(__file__).resolve().parent / "data" / "shakespeare-corpus.tar.xz"
+ARCHIVE_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar")
 NEWLINE = "\n"
 
 
@@ -28,40 +34,63 @@ class Work:
 
 
 def resolve_corpus(path: str | Path) -> Path:
-    """The corpus folder. A relative path is tried against the working directory, then against the repo
-    root and each folder above it, so the default `../shared/data/shakespeare` (the shared folder beside
-    a clone) is found from the repo root, from elsewhere, and from a git worktree one level deeper."""
+    """The corpus: a folder, or a tar archive of one (.tar.xz, .tar.gz, .tar). A relative path is tried
+    against the working directory, then against the repo root and each folder above it."""
     p = Path(path).expanduser()
-    if p.is_dir():
+    if p.is_dir() or _is_archive(p):
         return p
     if not p.is_absolute():
         repo = Path(__file__).resolve().parent.parent
         for base in (repo, *repo.parents):
-            if (base / p).is_dir():
+            if (base / p).is_dir() or _is_archive(base / p):
                 return (base / p).resolve()
-    raise FileNotFoundError(f"corpus folder not found: {path} (expected a folder of *_gut.txt works)")
+    raise FileNotFoundError(f"corpus folder not found: {path} (expected a folder of *_gut.txt works, or a .tar.xz "
+                            f"archive of one)")
 
 
-def read_titles(corpus: Path) -> dict[str, str]:
-    meta = corpus / "metadata.txt"
-    if not meta.is_file():
-        return {}
+def _is_archive(p: Path) -> bool:
+    return p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES)
+
+
+def _corpus_files(root: Path) -> dict[str, bytes]:
+    """File name -> bytes of every `*_gut.txt` work and `metadata.txt`, from a folder or an archive (read in
+    memory, never unpacked to disk)."""
+    wanted = lambda name: name.endswith("_gut.txt") or name == "metadata.txt"  # noqa: E731
+    if root.is_dir():
+        return {f.name: f.read_bytes() for f in root.iterdir() if f.is_file() and wanted(f.name)}
+    out: dict[str, bytes] = {}
+    with tarfile.open(root) as tar:
+        for member in tar:
+            name = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and wanted(name):
+                out[name] = tar.extractfile(member).read()
+    return out
+
+
+def parse_titles(metadata: str) -> dict[str, str]:
     parser = configparser.ConfigParser(interpolation=None)
-    parser.read(meta, encoding="utf-8")
+    parser.read_string(metadata)
     return {section: parser[section].get("title", section) for section in parser.sections()}
 
 
-def load_works(corpus: str | Path) -> list[Work]:
+def read_titles(corpus: Path) -> dict[str, str]:
+    meta = _corpus_files(resolve_corpus(corpus)).get("metadata.txt")
+    return parse_titles(meta.decode("utf-8")) if meta is not None else {}
+
+
+def load_works(corpus: str | Path = BUILTIN_CORPUS) -> list[Work]:
     """All `*_gut.txt` works, sorted by name (so every run sees the same order)."""
     root = resolve_corpus(corpus)
-    files = sorted(root.glob("*_gut.txt"))
-    if not files:
+    files = _corpus_files(root)
+    names = sorted(n for n in files if n.endswith("_gut.txt"))
+    if not names:
         raise FileNotFoundError(f"no *_gut.txt works in {root}")
-    titles = read_titles(root)
+    titles = parse_titles(files["metadata.txt"].decode("utf-8")) if "metadata.txt" in files else {}
     works = []
-    for f in files:
-        text = f.read_text(encoding="utf-8").replace("\r\n", "\n")
-        works.append(Work(f.stem, titles.get(f.stem, f.stem), text))
+    for name in names:
+        stem = name[: -len(".txt")]
+        text = files[name].decode("utf-8").replace("\r\n", "\n")
+        works.append(Work(stem, titles.get(stem, stem), text))
     return works
 
 

@@ -13,23 +13,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _gpu_ok() -> bool:
+def gpu_skip_reason() -> str | None:
+    """None when GPU tests can run; else which of the two things they need is missing."""
+    try:
+        from qsparse_infer import _C  # noqa: F401
+    except ImportError:
+        return "the compiled extension qsparse_infer._C is missing (install the package with `pip install .`)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch (qsparse_infer._C is compiled)"
     try:
         from qsparse_infer._ext import gpu_available
 
-        return gpu_available()
-    except Exception:  # no torch CUDA, no _C, no driver: all mean "no GPU here"
-        return False
+        if gpu_available():
+            return None
+    except Exception as e:  # a driver problem: say what it is
+        return f"no usable CUDA GPU ({e})"
+    return "no CUDA GPU visible to qsparse_infer._C (torch sees one)"
 
 
-GPU_OK = _gpu_ok()
-requires_gpu = pytest.mark.skipif(not GPU_OK, reason="needs a CUDA GPU and the compiled qsparse_infer._C")
+GPU_SKIP_REASON = gpu_skip_reason()
+GPU_OK = GPU_SKIP_REASON is None
+requires_gpu = pytest.mark.skipif(not GPU_OK, reason=GPU_SKIP_REASON or "")
 
 
 def pytest_collection_modifyitems(config, items):
     if GPU_OK:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and the compiled qsparse_infer._C")
+    skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -135,15 +135,14 @@ def test_failed_convert_leaves_nothing(qs_folder, tmp_path, monkeypatch, where):
 
         monkeypatch.setattr(conv, "pack_ternary", flaky)
     else:  # fail after part of the file has been written
-        real_save = fmt.save_file
+        real_save = fmt.write_safetensors
 
-        def half_write(tensors, filename, metadata=None):
-            real_save(tensors, filename, metadata=metadata)
-            with open(filename, "r+b") as f:
-                f.truncate(100)
+        def half_write(f, tensors, metadata):
+            real_save(f, tensors, metadata)
+            f.truncate(100)
             raise OSError("disk full")
 
-        monkeypatch.setattr(fmt, "save_file", half_write)
+        monkeypatch.setattr(fmt, "write_safetensors", half_write)
     with pytest.raises((KeyboardInterrupt, OSError)):
         qsparse_infer.convert(qs_folder, out / "m.qsp", progress=False)
     assert list(out.iterdir()) == []

@@ -147,11 +147,11 @@ def test_writer_refuses_invalid_and_is_atomic(tmp_path, model, monkeypatch):
 
     fmt = importlib.import_module("qsparse_infer.format")
 
-    def boom(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"partial")
+    def boom(f, tensors, metadata):
+        f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(fmt, "save_file", boom)
+    monkeypatch.setattr(fmt, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         write_engine(tmp_path / "m.qsp", CFG, SparsityConfig(), engine_tensors(model))
     assert list(tmp_path.iterdir()) == []

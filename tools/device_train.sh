@@ -9,7 +9,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
-CORPUS=${CORPUS:-../shared/data/shakespeare}
+CORPUS=${CORPUS:-qsparse_infer/data/shakespeare-corpus.tar.xz}
 OUT=${OUT:-runs/device_out}
 RUNS=${RUNS:-runs/device}
 BUILTIN_STEPS=${BUILTIN_STEPS:-1500}
