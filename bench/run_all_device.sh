@@ -55,10 +55,14 @@ for what in "$@"; do
       timeout 300 python3 "$SRC/bench/batched_linear.py" --json "$OUT/batched-linear.json" 2>&1 \
         | tee "$OUT/batched-linear.log" | tail -60 ;;
     batched_decode)
-      timeout 540 python3 "$SRC/bench/batched_decode.py" --batches 1,16,64 --sparsity 0,0.6 --torch \
+      timeout ${BATCHED_TIMEOUT:-300} python3 "$SRC/bench/batched_decode.py" --batches ${BATCHES:-1,4,16,64} --sparsity 0,0.6 --torch \
         --json "$OUT/batched-decode.json" 2>&1 | tee "$OUT/batched-decode.log" | tail -20 ;;
+    serve_bench)  # needs fastapi/uvicorn/httpx on the machine (wheels: see the device README's notes)
+      timeout ${SERVE_TIMEOUT:-300} python3 "$SRC/bench/serve.py" --launch --shape 2b4t --sparsity 0,0.6 --max-batch 64 \
+        --prefill-chunk 1024 --concurrency 1,4,16,64 --prompt-len 128 --new-tokens 128 --min-requests 16 \
+        --json "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -30 ;;
     attention)
-      timeout 300 python3 "$SRC/bench/attention.py" --sweep --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
+      timeout 150 python3 "$SRC/bench/attention.py" ${ATTN_ARGS:---sweep} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     profile)
       timeout 500 python3 -m qsparse_infer.cli bench --shape 2b4t --sparsity 0,0.6 --lm-head int8 --profile --no-peer \
         --reps 2 --json "$OUT/e2e-profile.json" 2>&1 | tee "$OUT/profile.log" | tail -80 ;;
