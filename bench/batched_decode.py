@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--sparsity", default="0,0.6")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--gemv-max-rows", type=int, default=8)
+    ap.add_argument("--gemv-max-rows", type=int, default=LinearPolicy.gemv_max_rows)
     ap.add_argument("--no-t1", action="store_true", help="variant 1 instead of the one-token kernel at B = 1")
     ap.add_argument("--torch", action="store_true", help="also the torch bf16 static-batch peer")
     ap.add_argument("--json", type=Path, default=None)

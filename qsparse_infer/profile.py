@@ -109,16 +109,25 @@ def profile_decode(ef: Any, sparsity: SparsityConfig, prompt: torch.Tensor, stre
     from .gpu_model import GpuModel
     from .sampling import SamplingSettings
 
+    from ._ext import ext
+
     p = prompt.numel()
     model = GpuModel(ef, sparsity, max_len=p + warmup + steps + 1, kv_dtype=kv_dtype, use_graph=False)
     model.prefill(prompt, SamplingSettings(temperature=0.0))
-    for _ in range(warmup):
-        model._run_step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
+    # Without programmatic dependent launch while profiling: with it a kernel starts early and waits for its
+    # predecessor inside griddepcontrol.wait, and the profiler would count that wait as the kernel's time.
+    pdl_before = ext().get_pdl()
+    ext().set_pdl(False)
+    try:
+        for _ in range(warmup):
             model._run_step()
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                model._run_step()
+            torch.cuda.synchronize()
+    finally:
+        ext().set_pdl(pdl_before)
     kernels = _trace_kernels(prof)
     context = p + warmup + (steps + 1) // 2
     result = summarize(kernels, steps, model.cfg.num_layers, step_floors(model, context), streaming_gbps)

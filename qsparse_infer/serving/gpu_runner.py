@@ -54,7 +54,10 @@ class LinearPolicy:
     exact), so a seeded request gives the same tokens alone and batched (SERVING_API.md) whichever is chosen;
     the policy only picks the fastest."""
 
-    gemv_max_rows: int = 8
+    # 64: the gather-GEMV in groups of 8 rows at every batch size up to 64. Measured on an H200 with the
+    # default of 8 (bench/results/serve-h200.json, first run): B = 16 ran the GEMM at 27 ms per step against
+    # 5.3 ms for B = 4 on the gather-GEMV, so the untuned GEMM loses at every serving batch size.
+    gemv_max_rows: int = 64
     t1_single_row: bool = True
 
     def path(self, rows: int) -> str:
