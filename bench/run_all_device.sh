@@ -45,7 +45,7 @@ for what in "$@"; do
         | tee "$OUT/kernels-bench.log" | grep -v "^wrote" | cut -c1-160 ;;
     e2e|e2e-nopdl)
       pdl=1; [ "$what" = e2e-nopdl ] && pdl=0
-      QSPARSE_PDL=$pdl timeout 400 python3 -m qsparse_infer.cli bench --shape ${E2E_SHAPE:-2b4t} \
+      QSPARSE_PDL=$pdl timeout ${E2E_TIMEOUT:-400} python3 -m qsparse_infer.cli bench --shape ${E2E_SHAPE:-2b4t} \
         --sparsity ${E2E_SPARSITY:-0,0.4,0.6,0.8} --prompt-len 128 --new-tokens 256 --reps ${REPS:-3} ${E2E_ARGS:-} \
         --json "$OUT/$what-${E2E_SHAPE:-2b4t}.json" 2>&1 | tee "$OUT/$what-${E2E_SHAPE:-2b4t}.log" | tail -30 ;;
     serving)  # the batched decoder and its kernels, plus the single-sequence decoder they must not have changed
@@ -65,7 +65,7 @@ for what in "$@"; do
     attention)
       timeout 150 python3 "$SRC/bench/attention.py" ${ATTN_ARGS:---sweep} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     profile)
-      timeout 500 python3 -m qsparse_infer.cli bench --shape 2b4t --sparsity 0,0.6 --lm-head int8 --profile --no-peer \
+      timeout ${PROFILE_TIMEOUT:-500} python3 -m qsparse_infer.cli bench --shape 2b4t --sparsity 0,0.6 --lm-head int8 --profile --no-peer \
         --reps 2 --json "$OUT/e2e-profile.json" 2>&1 | tee "$OUT/profile.log" | tail -80 ;;
     fidelity)
       timeout 400 python3 "$SRC/bench/head_fidelity.py" --device cuda --skip-builtin --out "$OUT" 2>&1 \
