@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import requires_gpu  # noqa: E402
 
 from qsparse_infer import decode_kernels as dk  # noqa: E402
-from qsparse_infer.config import ModelConfig, SparsityConfig  # noqa: E402
+from qsparse_infer.config import ModelConfig, SparsityConfig, topk_count  # noqa: E402
 from qsparse_infer.format import build_reference  # noqa: E402
-from qsparse_infer.head_int8 import Q8, quantize_head, with_lm_head  # noqa: E402
+from qsparse_infer.head_int8 import Q8, int8_head_logits, quantize_head, with_lm_head  # noqa: E402
 from qsparse_infer.random_model import random_engine  # noqa: E402
 from qsparse_infer.sampling import SamplingSettings  # noqa: E402
 
@@ -105,8 +105,11 @@ def test_decoder_with_int8_head(tied, head_sparsity):
     ref = build_reference(ef)
     assert ref.head_q8 is not None
     ids = torch.randint(0, cfg.vocab_size, (29,), generator=torch.Generator().manual_seed(0))
+    normed = {}
+    hook = ref.norm.register_forward_hook(lambda m, i, o: normed.setdefault("h", o.detach()))
     with torch.no_grad():
         want = ref(ids)
+    hook.remove()
     gpu = GpuModel(ef, kv_dtype=torch.float32)
     assert gpu.head_q8 is not None and (gpu.head is None) == (not tied)
     assert gpu.head_bytes == cfg.vocab_size * cfg.hidden_size + 4 * cfg.vocab_size
@@ -114,15 +117,33 @@ def test_decoder_with_int8_head(tied, head_sparsity):
     if head_sparsity == 0:
         assert rel_err(got, want) < 1e-3  # LOGITS_TOL of tests/test_gpu_model_gpu.py
     else:
-        # With a sparse head the logits pass through a top-K mask of the final hidden state, which the GPU and
-        # the CPU compute in different summation orders (attention, norms) and through int8 activations that
-        # can round the other way at a .5 boundary: one channel more or less in the mask moves a row by ~1%
-        # (seen on an H200: one row of 29 at 6.8e-3 with no near-tie in the reference's own mask, the rest at
-        # ~1e-7). So: every row within STEP_TOL = 2e-2 (tests/test_gpu_model_gpu.py's bound for such
-        # flips), and at least 3/4 of the rows at LOGITS_TOL.
-        errs = [rel_err(got[i], want[i]) for i in range(len(ids))]
-        assert max(errs) < 2e-2, errs
-        assert sum(e < 1e-3 for e in errs) >= 3 * len(ids) // 4, errs
+        # With a sparse head the logits pass through a top-K mask of the final hidden state. The GPU reaches that
+        # state through int8 activations that can round the other way at a .5 boundary (a different summation
+        # order upstream), which moves the row's hidden state by ~1e-3; where the mask's K-th and (K+1)-th
+        # magnitudes lie that close, the GPU keeps the other channel and the row's logits move by a few % (seen
+        # on an H200: one row of 29 at 3.7e-2, its boundary gap 7e-4 relative; the rest at ~3e-7). So every row
+        # must match the reference to LOGITS_TOL, or match to 1e-2 the reference head applied with one channel
+        # at the mask boundary swapped (the K-th to K-th+-2 against the next 3), and at most 1/4 of the rows may
+        # need that.
+        k = topk_count(cfg.hidden_size, head_sparsity)
+        h = normed["h"]
+        swapped_rows = 0
+        for r in range(len(ids)):
+            if rel_err(got[r], want[r]) < 1e-3:
+                continue
+            order = h[r].abs().sort(descending=True).indices
+            best = float("inf")
+            for a in range(k - 3, k):
+                for b in range(k, k + 3):
+                    keep = order[:k].clone()
+                    keep[a] = order[b]
+                    mask = torch.zeros_like(h[r])
+                    mask[keep] = 1.0
+                    alt = int8_head_logits((h[r] * mask)[None], ref.head_q8, ref.head_q8_scales)[0]
+                    best = min(best, rel_err(got[r], alt))
+            assert best < 1e-2, f"row {r}: off by more than one boundary swap of the head's mask ({best:.2e})"
+            swapped_rows += 1
+        assert swapped_rows <= len(ids) // 4, swapped_rows
     s = SamplingSettings(temperature=0)
     runs = []
     for graph in (True, False):

@@ -54,10 +54,10 @@ class LinearPolicy:
     exact), so a seeded request gives the same tokens alone and batched (SERVING_API.md) whichever is chosen;
     the policy only picks the fastest."""
 
-    # 64: the gather-GEMV in groups of 8 rows at every batch size up to 64. Measured on an H200 with the
-    # default of 8 (bench/results/serve-h200.json, first run): B = 16 ran the GEMM at 27 ms per step against
-    # 5.3 ms for B = 4 on the gather-GEMV, so the untuned GEMM loses at every serving batch size.
-    gemv_max_rows: int = 64
+    # 16, measured on an H200 (bench/NOTES-batched.md, serve-h200*.json, batched-decode-h200.log; 2B4T): at
+    # B = 16 the gather-GEMV in groups of 8 rows runs a step in 15.9 ms (S = 0) / 12.9 ms (S = 0.6) against
+    # 27-28 ms for the GEMM; at B = 64 it takes 61 / 49 ms against ~36 ms for the GEMM.
+    gemv_max_rows: int = 16
     t1_single_row: bool = True
 
     def path(self, rows: int) -> str:
