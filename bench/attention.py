@@ -17,45 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from qsparse_infer import decode_kernels as dk
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import time_graph  # noqa: E402  (the kernel lab's one timer: median of CUDA-graph replays)
+
+from qsparse_infer import decode_kernels as dk  # noqa: E402
 
 NQ, NKV, HD = 20, 5, 128
 CONTEXTS = [128, 256, 512, 1024, 4096, 16384]
 L2_DEFEAT_BYTES = 256 << 20
 MAX_LAUNCHES = 512
-
-
-def time_graph(calls: list, replays: int = 25) -> float:
-    """Median microseconds per call over graph replays (each replay runs every call once)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in calls:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in calls:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / len(calls))
-    del g
-    return statistics.median(times)
 
 
 def streaming_gbps() -> dict[str, float]:
