@@ -62,6 +62,9 @@ for what in "$@"; do
       timeout ${SERVE_TIMEOUT:-300} python3 "$SRC/bench/serve.py" --launch --shape 2b4t --sparsity 0,0.6 --max-batch 64 \
         --prefill-chunk 1024 --concurrency 1,4,16,64 --prompt-len 128 --new-tokens 128 --min-requests 16 \
         --json "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -30 ;;
+    soak)  # issue 9: 64 clients for 2 minutes against the GPU server, every response checked (bench/soak.py)
+      timeout 400 python3 "$SRC/bench/soak.py" --launch --shape 2b4t --sparsity ${SOAK_SPARSITY:-0.6} --max-batch 64 \
+        --clients 64 --seconds 120 --max-tokens 128 --prompt-len 128 --json "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" | tail -25 ;;
     attention)
       timeout 150 python3 "$SRC/bench/attention.py" ${ATTN_ARGS:---sweep} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     profile)

@@ -289,10 +289,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=("2b4t", "8b"), default="2b4t",
                    help="random ternary weights of this shape (when no --model)")
     p.add_argument("--sparsity", default=DEFAULT_SPARSITIES, help="comma-separated list, applied to all 4 groups")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--kv-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens prefilled before decoding")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens decoded per repetition")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (medians are reported)")
+    p.add_argument("--kv-dtype", choices=("bf16", "fp32"), default="bf16", help="KV cache dtype")
     p.add_argument("--no-peer", action="store_true", help="skip the PyTorch bf16 peer")
     p.add_argument("--lm-head", choices=("bf16", "int8"), default="bf16",
                    help="int8: also measure every sparsity with the int8 LM head (own rows, same run)")

@@ -1,0 +1,169 @@
+"""Soak test of a qsparse server: N streaming clients for T seconds; every response must be complete and correct.
+
+Each client sends greedy completions back to back, each on one of a fixed pool of prompts (random token ids,
+`ignore_eos`, `return_token_ids`). Before the soak, every prompt of the pool is run alone (not streamed) to get
+its reference token ids. During it, a response counts as good only if it streams to `data: [DONE]` with HTTP 200,
+ends with finish_reason "length", carries exactly --max-tokens token ids, and those ids equal the prompt's
+reference (greedy decoding is deterministic, and a batched row must give what the row gives alone). Afterwards
+the server's /metrics must show no active or waiting request and every slot free. Exit code 1 on any lost,
+failed or corrupted response.
+
+  python bench/soak.py --url http://127.0.0.1:8000 --clients 64 --seconds 120
+  python bench/soak.py --launch --shape 2b4t --sparsity 0.6 --clients 64 --seconds 120   # on a GPU machine
+  python bench/soak.py --launch --device cpu --clients 64 --seconds 120                  # built-in model
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve import LaunchedServer  # noqa: E402  (starts `qsparse serve` and waits for /health)
+
+
+async def reference_ids(ac: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> list[int]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    r = await ac.post("/v1/completions", json=body)
+    r.raise_for_status()
+    ids = r.json()["choices"][0].get("token_ids")
+    if not isinstance(ids, list) or len(ids) != max_tokens:
+        raise RuntimeError(f"the reference request returned {ids!r}")
+    return ids
+
+
+async def streamed(ac: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> tuple[list[int], str]:
+    """(token ids, finish_reason) of one streamed greedy request; raises on anything malformed."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "stream": True}
+    ids: list[int] = []
+    finish, done = None, False
+    async with ac.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"server error: {chunk['error'].get('message')}")
+            for c in chunk.get("choices", []):
+                ids.extend(c.get("token_ids") or [])
+                finish = c.get("finish_reason") or finish
+    if not done:
+        raise RuntimeError("the stream ended without data: [DONE]")
+    return ids, str(finish)
+
+
+async def soak(url: str, clients: int, seconds: float, max_tokens: int, prompt_len: int, pool: int,
+               seed: int) -> dict[str, Any]:
+    health = httpx.get(url + "/health", timeout=30).json()
+    model, vocab = health["model"], int(health.get("vocab_size") or 1000)
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(min(100, vocab - 1), vocab) for _ in range(prompt_len)] for _ in range(pool)]
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as ac:
+        refs = [await reference_ids(ac, model, p, max_tokens) for p in prompts]
+        counts = {"good": 0, "failed": 0, "corrupted": 0}
+        problems: list[str] = []
+        stop_at = time.perf_counter() + seconds
+
+        async def client(k: int) -> None:
+            local = random.Random(seed * 7919 + k)
+            while time.perf_counter() < stop_at:
+                i = local.randrange(pool)
+                try:
+                    ids, finish = await streamed(ac, model, prompts[i], max_tokens)
+                except Exception as e:  # a lost or malformed response: counted, reported, the soak goes on
+                    counts["failed"] += 1
+                    problems.append(f"client {k}: {type(e).__name__}: {e}")
+                    continue
+                if ids != refs[i] or finish != "length":
+                    counts["corrupted"] += 1
+                    problems.append(f"client {k}, prompt {i}: {len(ids)} ids, finish {finish!r}, "
+                                    f"{'equal' if ids == refs[i] else 'different'} to the reference")
+                else:
+                    counts["good"] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        wall = time.perf_counter() - t0
+        after = (await ac.get("/metrics")).json().get("scheduler", {})
+    leaks = []
+    if after.get("active", 0) or after.get("waiting", 0):
+        leaks.append(f"{after.get('active')} active / {after.get('waiting')} waiting after the soak")
+    if "free_slots" in after and after["free_slots"] != after.get("max_slots"):
+        leaks.append(f"{after['free_slots']} of {after.get('max_slots')} slots free after the soak")
+    return {"model": model, "clients": clients, "seconds": wall, "max_tokens": max_tokens, "prompt_len": prompt_len,
+            **counts, "tokens": counts["good"] * max_tokens, "problems": problems[:20], "leaks": leaks,
+            "scheduler_after": after}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/soak.py", description=__doc__.splitlines()[0])
+    p.add_argument("--url", default=None, help="soak this running server (else --launch)")
+    p.add_argument("--launch", action="store_true", help="start `qsparse serve` for the soak and stop it after")
+    p.add_argument("--model", default=None, help="with --launch: engine file (default: the built-in model, or "
+                                                  "--shape)")
+    p.add_argument("--shape", default=None, help="with --launch: random weights of this shape (e.g. 2b4t)")
+    p.add_argument("--sparsity", default=None, help="with --launch: the server's sparsity override")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--max-batch", type=int, default=None, help="with --launch: server slots (default: server's)")
+    p.add_argument("--port", type=int, default=8012)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=120.0)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--pool", type=int, default=16, help="distinct prompts (each checked against its reference)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the summary here too")
+    args = p.parse_args(argv)
+    if bool(args.url) == bool(args.launch):
+        p.error("give exactly one of --url and --launch")
+    if args.clients < 1 or args.seconds <= 0 or args.max_tokens < 1 or args.prompt_len < 1 or args.pool < 1:
+        p.error("--clients, --seconds, --max-tokens, --prompt-len and --pool must be positive")
+
+    def run(url: str) -> dict[str, Any]:
+        return asyncio.run(soak(url, args.clients, args.seconds, args.max_tokens, args.prompt_len, args.pool,
+                                args.seed))
+
+    if args.url:
+        res = run(args.url.rstrip("/"))
+    else:
+        launch = argparse.Namespace(port=args.port, prompt_len=args.prompt_len, new_tokens=args.max_tokens,
+                                    model=args.model, shape=args.shape, max_batch=args.max_batch, prefill_chunk=None,
+                                    concurrency=[args.clients], device=args.device)
+        with _Server(launch, args.sparsity) as server:
+            res = run(server.url)
+    print(f"{res['clients']} clients, {res['seconds']:.0f} s: {res['good']} good, {res['failed']} failed, "
+          f"{res['corrupted']} corrupted responses ({res['tokens']} tokens); leaks: {res['leaks'] or 'none'}")
+    for line in res["problems"]:
+        print("  " + line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0 if res["failed"] == res["corrupted"] == 0 and not res["leaks"] and res["good"] > 0 else 1
+
+
+class _Server(LaunchedServer):
+    """LaunchedServer, also for the built-in model (no engine file, no shape)."""
+
+    def __init__(self, args: argparse.Namespace, sparsity: str | None) -> None:
+        super().__init__(args, sparsity)
+        if args.model is None and args.shape is None:
+            i = self.cmd.index("--shape")
+            del self.cmd[i:i + 2]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
