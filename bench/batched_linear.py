@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from qsparse_infer.config import ModelConfig, topk_count
-from qsparse_infer.gpu_weights import group_geometry
-from qsparse_infer.linear_kernels import PackedTernary, pack_ternary_gpu, ternary_linear
-from qsparse_infer.random_model import SHAPES
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import time_graph  # noqa: E402  (median of CUDA-graph replays, warm-up outside the capture)
+
+from qsparse_infer.config import ModelConfig, topk_count  # noqa: E402
+from qsparse_infer.gpu_weights import group_geometry  # noqa: E402
+from qsparse_infer.linear_kernels import PackedTernary, pack_ternary_gpu, ternary_linear  # noqa: E402
+from qsparse_infer.random_model import SHAPES  # noqa: E402
 
 CFG_2B4T = SHAPES["2b4t"]
 GROUPS = ("qkv", "o", "gate_up", "down")
@@ -42,30 +45,8 @@ def make_group(cfg: ModelConfig, group: str, gen: torch.Generator) -> PackedTern
 
 
 def time_path(x: torch.Tensor, w: PackedTernary, k: int, kw: dict, path: str, calls: int, reps: int) -> float:
-    def body():
-        for _ in range(calls):
-            ternary_linear(x, w, k, _path=path, **kw)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()  # sizes the shared workspaces before capture
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
-    g.replay()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        per_call.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(per_call)
+    """Median microseconds per ternary_linear call on one path (the kernel lab's graph timer)."""
+    return time_graph([lambda: ternary_linear(x, w, k, _path=path, **kw)] * calls, replays=reps)
 
 
 def main() -> None:

@@ -254,13 +254,11 @@ def attention_decode(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: tor
     return out
 
 
-def lm_head(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, H] fp32, weight [V, H] (bf16/fp16/fp32) -> fp32 logits [T, V]; RMSNorm(x)*norm_weight first
-    when norm_weight is given."""
+def _head_io(x: torch.Tensor, v: int, h: int, norm_weight: torch.Tensor | None,
+             out: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+    """The checks both LM heads share: x [T, h] fp32, the optional norm weight [h], out [T, v] (allocated when
+    None). Returns (norm weight pointer or 0, out)."""
     _check(x, "x", (torch.float32,), 2)
-    _check(weight, "weight", tuple(DTYPE_CODE), 2)
-    v, h = weight.shape
     if x.shape[1] != h:
         raise ValueError(f"x rows have {x.shape[1]} values, the head expects {h}")
     nptr = 0
@@ -274,6 +272,16 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | N
     _check(out, "out", (torch.float32,), 2)
     if tuple(out.shape) != (x.shape[0], v):
         raise ValueError(f"out must be [{x.shape[0]}, {v}], got {tuple(out.shape)}")
+    return nptr, out
+
+
+def lm_head(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H] fp32, weight [V, H] (bf16/fp16/fp32) -> fp32 logits [T, V]; RMSNorm(x)*norm_weight first
+    when norm_weight is given."""
+    _check(weight, "weight", tuple(DTYPE_CODE), 2)
+    v, h = weight.shape
+    nptr, out = _head_io(x, v, h, norm_weight, out)
     ext().lm_head(x.data_ptr(), nptr, float(eps), weight.data_ptr(), DTYPE_CODE[weight.dtype], x.shape[0], v, h,
                   out.data_ptr(), _stream())
     return out
@@ -283,25 +291,12 @@ def lm_head_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, norm_we
                  eps: float = 1e-5, out: torch.Tensor | None = None) -> torch.Tensor:
     """The int8 head (head_int8.py): x [T, H] fp32, q [V, H] int8, scales [V] fp32 -> fp32 logits [T, V]
     = scales * (xn @ q^T), xn = RMSNorm(x)*norm_weight when norm_weight is given, else x."""
-    _check(x, "x", (torch.float32,), 2)
     _check(q, "q", (torch.int8,), 2)
     _check(scales, "scales", (torch.float32,), 1)
     v, h = q.shape
-    if x.shape[1] != h:
-        raise ValueError(f"x rows have {x.shape[1]} values, the head expects {h}")
     if scales.shape[0] != v:
         raise ValueError(f"scales must have {v} entries, got {scales.shape[0]}")
-    nptr = 0
-    if norm_weight is not None:
-        _check(norm_weight, "norm_weight", (torch.float32,), 1)
-        if norm_weight.shape[0] != h:
-            raise ValueError(f"norm_weight must have {h} elements")
-        nptr = norm_weight.data_ptr()
-    if out is None:
-        out = torch.empty((x.shape[0], v), dtype=torch.float32, device=x.device)
-    _check(out, "out", (torch.float32,), 2)
-    if tuple(out.shape) != (x.shape[0], v):
-        raise ValueError(f"out must be [{x.shape[0]}, {v}], got {tuple(out.shape)}")
+    nptr, out = _head_io(x, v, h, norm_weight, out)
     ext().lm_head_int8(x.data_ptr(), nptr, float(eps), q.data_ptr(), scales.data_ptr(), x.shape[0], v, h,
                        out.data_ptr(), _stream())
     return out

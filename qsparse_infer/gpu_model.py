@@ -24,7 +24,8 @@ import torch
 
 from . import decode_kernels as dk
 from .config import ModelConfig, SparsityConfig
-from .gpu_weights import GpuWeights, TopK, group_geometry, host_weight_bytes, run_head, run_layers
+from .gpu_weights import (GpuWeights, TopK, decode_settings, group_geometry, host_weight_bytes, run_head,
+                          run_layers)
 from .reference import rope_cos_sin
 from .sampling import SamplingSettings
 
@@ -48,17 +49,8 @@ class GpuModel:
         cfg: ModelConfig = ef.config
         self.cfg = cfg
         self.sparsity = sparsity or ef.sparsity
-        self.max_len = int(max_len or cfg.max_seq_len)
-        if not 2 <= self.max_len:
-            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
-        if kv_dtype not in (torch.bfloat16, torch.float32):
-            raise ValueError(f"kv_dtype must be torch.bfloat16 or torch.float32, got {kv_dtype}")
-        if cfg.head_dim > 128 or cfg.num_heads // cfg.num_kv_heads > 8:
-            raise ValueError("the GPU attention kernel supports head_dim <= 128 and <= 8 query heads per kv head")
+        self.max_len, self.device = decode_settings(cfg, max_len, kv_dtype, device)
         self.kv_dtype = kv_dtype
-        self.device = torch.device(device)
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         weight_bytes = host_weight_bytes(ef)

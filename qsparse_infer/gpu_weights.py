@@ -44,6 +44,23 @@ class Layer:
     down: Any
 
 
+def decode_settings(cfg: ModelConfig, max_len: int | None, kv_dtype: torch.dtype,
+                    device: str | torch.device) -> tuple[int, torch.device]:
+    """Validate what both GPU decoders take (positions per sequence, KV dtype, what the attention kernels
+    support) and resolve the device to an indexed CUDA device. Returns (max_len, device)."""
+    max_len = int(max_len or cfg.max_seq_len)
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    if kv_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"kv_dtype must be torch.bfloat16 or torch.float32, got {kv_dtype}")
+    if cfg.head_dim > 128 or cfg.num_heads // cfg.num_kv_heads > 8:
+        raise ValueError("the GPU attention kernels support head_dim <= 128 and <= 8 query heads per kv head")
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return max_len, device
+
+
 def file_tensors(ef: Any) -> dict[str, torch.Tensor]:
     """The engine file's model tensors (the tokenizer blob stays on the host)."""
     return {k: v for k, v in ef.tensors.items() if k != "tokenizer.bytes"}

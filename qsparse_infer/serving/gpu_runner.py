@@ -17,7 +17,6 @@ slot's current position, so chunked prefill continues where the last chunk ended
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -25,7 +24,7 @@ import torch
 
 from .. import decode_kernels as dk
 from ..config import ModelConfig, SparsityConfig
-from ..gpu_weights import GpuWeights, TopK, host_weight_bytes, run_head, run_layers
+from ..gpu_weights import GpuWeights, TopK, decode_settings, host_weight_bytes, run_head, run_layers
 from ..reference import rope_cos_sin
 from ..sampling import SamplingSettings
 
@@ -66,10 +65,6 @@ class LinearPolicy:
         return "gemv" if rows <= self.gemv_max_rows else "gemm"
 
 
-def _has_batched_attention() -> bool:
-    return hasattr(dk, "rope_append_batch") and hasattr(dk, "attention_decode")
-
-
 class GpuBatchRunner:
     """Up to max_slots sequences decoded together on one GPU (see the module docstring)."""
 
@@ -88,29 +83,15 @@ class GpuBatchRunner:
         self.sparsity = sparsity or getattr(engine, "sparsity", None) or ef.sparsity
         self.topk = TopK.of(cfg, self.sparsity)
         self.policy = policy or LinearPolicy()
-        self.max_len = int(max_len or cfg.max_seq_len)
-        if self.max_len < 2:
-            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         if kv_dtype is None:  # the engine's choice (Engine.load(kv_cache=...)), else bf16
             kv_dtype = getattr(getattr(engine, "gpu", None), "kv_dtype", torch.bfloat16)
-        if kv_dtype not in (torch.bfloat16, torch.float32):
-            raise ValueError(f"kv_dtype must be torch.bfloat16 or torch.float32, got {kv_dtype}")
         if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1):
             raise ValueError(f"max_slots must be a positive integer or None (as many as fit), got {max_slots!r}")
-        if cfg.head_dim > 128 or cfg.num_heads // cfg.num_kv_heads > 8:
-            raise ValueError("the GPU attention kernels support head_dim <= 128 and <= 8 query heads per kv head")
+        self.max_len, self.device = decode_settings(cfg, max_len, kv_dtype, device)
         self.kv_dtype = kv_dtype
-        self.device = torch.device(device)
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         if shared is not None and shared.device != self.device:
             shared = None
         self.vocab_size = cfg.vocab_size
-        self.batched_attention = _has_batched_attention()
-        if use_graph and not self.batched_attention:
-            warnings.warn("decode_kernels has no rope_append_batch/attention_decode yet: GpuBatchRunner runs the "
-                          "per-row attention fallback without CUDA graphs", stacklevel=2)
-            use_graph = False
         self.use_graph = use_graph
 
         self.max_slots = self._fit_slots(ef, shared, max_slots)
@@ -200,13 +181,11 @@ class GpuBatchRunner:
         self.normed = torch.zeros(bm, cfg.hidden_size, dtype=f32, device=dev)
         self.logits = torch.zeros(bm, cfg.vocab_size, dtype=f32, device=dev)
         self.slot_ids = torch.arange(s1, dtype=i32, device=dev)  # slot_ids[s : s + 1]: a device [1] naming s
-        if self.batched_attention:
-            # The batched attention's scratch (split partials, arrival counters)
-            self.attn_ws = dk.AttentionWorkspace.create(bm, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                        self.max_len, dev)
+        # the batched attention's scratch (split partials, arrival counters)
+        self.attn_ws = dk.AttentionWorkspace.create(bm, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                    self.max_len, dev)
         self._len = [0] * s1
         self._state = ["free"] * s1  # free -> begun -> (prefilling) -> ready
-        self._host_rows: list[int] = []  # eager fallback: the slots of the current rows
         self._last_rows = 0
 
     # -- the step -------------------------------------------------------------------------------
@@ -221,14 +200,8 @@ class GpuBatchRunner:
 
         def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
             kp, vp = self.k_pool[i], self.v_pool[i]
-            if self.batched_attention:
-                dk.rope_append_batch(qkv, nq, nkv, hd, self.cos_t, self.sin_t, positions, kp, vp, slots)
-                dk.attention_decode(qkv, nq, nkv, hd, kp, vp, positions, slots, attn, self.attn_ws)
-                return
-            for b, s in enumerate(self._host_rows):  # eager fallback: one row at a time in its slot's view
-                row, start = slice(b, b + 1), positions[b:b + 1]
-                dk.rope_append(qkv[row], nq, nkv, hd, self.cos_t, self.sin_t, start, kp[s], vp[s])
-                dk.attention(qkv[row], nq, nkv, hd, kp[s], vp[s], start, out=attn[row])
+            dk.rope_append_batch(qkv, nq, nkv, hd, self.cos_t, self.sin_t, positions, kp, vp, slots)
+            dk.attention_decode(qkv, nq, nkv, hd, kp, vp, positions, slots, attn, self.attn_ws)
 
         return attend
 
@@ -359,7 +332,6 @@ class GpuBatchRunner:
         if self.use_graph:
             self.graphs[nb].replay()
         else:
-            self._host_rows = rows
             self._step(nb)
         self.tokens_host[:b].copy_(self.out_tokens[:b], non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
