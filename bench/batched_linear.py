@@ -5,7 +5,9 @@ the GLU epilogue, down with the residual epilogue; the RMSNorm fused as in the d
 linear_kernels.ternary_linear with each forced path:
   t1    the one-token kernel once per row (B launches)
   gemv  the gather-GEMV, variant 1, in groups of <= 8 rows (each row reads only its K selected rows)
-  gemm  the int8 tensor-core GEMM on masked activations (reads every weight row once for all rows)
+  gemm  the int8 tensor-core GEMM on masked activations (reads every weight row once for all rows; the
+        skinny variant 2 up to 64 rows)
+  tiled GEMM variant 1 (64-token tiles), the batched path before variant 2 existed
 Each measurement is a CUDA graph of `--calls` back-to-back calls (the decoder replays graphs, so launch
 overhead is not counted), replayed `--reps` times; the median per call is printed in us.
 
@@ -33,7 +35,9 @@ from qsparse_infer.random_model import SHAPES  # noqa: E402
 
 CFG_2B4T = SHAPES["2b4t"]
 GROUPS = ("qkv", "o", "gate_up", "down")
-PATHS = ("t1", "gemv", "gemm")
+PATHS = ("t1", "gemv", "gemm", "tiled")
+PATH_ARGS = {"t1": {"_path": "t1"}, "gemv": {"_path": "gemv"}, "gemm": {"_path": "gemm"},
+             "tiled": {"_variant": "tiled"}}
 
 
 def make_group(cfg: ModelConfig, group: str, gen: torch.Generator) -> PackedTernary:
@@ -46,14 +50,14 @@ def make_group(cfg: ModelConfig, group: str, gen: torch.Generator) -> PackedTern
 
 def time_path(x: torch.Tensor, w: PackedTernary, k: int, kw: dict, path: str, calls: int, reps: int) -> float:
     """Median microseconds per ternary_linear call on one path (the kernel lab's graph timer)."""
-    return time_graph([lambda: ternary_linear(x, w, k, _path=path, **kw)] * calls, replays=reps)
+    return time_graph([lambda: ternary_linear(x, w, k, **PATH_ARGS[path], **kw)] * calls, replays=reps)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--sparsity", default="0,0.6")
-    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--paths", default=",".join(PATHS), help="any of " + ", ".join(PATHS))
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--json", type=Path, default=None)
@@ -104,6 +108,9 @@ def main() -> None:
             others = ", ".join(f"{q} {table[(b, q)]['layer']:.1f}" for q in paths if q != p)
             print(f"  B = {b:>3}: {p} ({table[(b, p)]['layer']:.1f} us; {others})")
         gemv_max = max([b for b in batches if best[b] in ("t1", "gemv")] or [1])
+        gemm_min = min([b for b in batches if best[b] in ("gemm", "tiled")] or [0])
+        if gemm_min and gemm_min < gemv_max:
+            print(f"  (not one crossover: the GEMM already wins at B = {gemm_min})")
         print(f"  => LinearPolicy(gemv_max_rows={gemv_max}, t1_single_row={best.get(1, 't1') == 't1'})  (S = {s})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

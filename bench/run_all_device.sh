@@ -4,7 +4,7 @@
 #   (serving work: serving batched_linear batched_decode)
 # Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
-# arguments, e.g. --no-peer), REPS, SWEEP_ARGS (e.g. --only 2b4t --variants t1p,t1). `e2e-nopdl` repeats e2e with programmatic dependent launch off.
+# arguments, e.g. --no-peer), BL_ARGS (bench/batched_linear.py), DECODE_ARGS (bench/batched_decode.py; default --torch), REPS, SWEEP_ARGS (e.g. --only 2b4t --variants t1p,t1). `e2e-nopdl` repeats e2e with programmatic dependent launch off.
 # Logs and results go to $OUT (the device tool brings them back).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -29,7 +29,7 @@ for what in "$@"; do
       timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \
         --rootdir "$SRC" -c "$SRC/pyproject.toml" "$SRC/tests/test_linear_kernels_gpu.py" "$SRC/tests/test_attention_gpu.py" \
         "$SRC/tests/test_head_int8_gpu.py" "$SRC/tests/test_ceilings_gpu.py" "$SRC/tests/test_serving_gpu.py" \
-        -k "(gemv_t1_exact and 0.6 and randn) or early_exit or dependent_chain or identical_across_paths or (norm_fused_linear and t1p) or graph_replay_new_lengths or single_sequence_cache or lm_head_int8_kernel or stream_read_sums or sample_batch or lm_head_rows" \
+        -k "(gemv_t1_exact and 0.6 and randn) or early_exit or dependent_chain or identical_across_paths or (norm_fused_linear and t1p) or graph_replay_new_lengths or single_sequence_cache or lm_head_int8_kernel or stream_read_sums or sample_batch or lm_head_rows or lm_head_mma_accuracy or (gemm_skinny_shapes and 33)" \
         > "$OUT/sanitizer.log" 2>&1; echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -3 ;;
     sweep)
       timeout 200 python3 "$SRC/bench/gemv_sweep.py" ${SWEEP_ARGS:-} --json "$OUT/gemv-sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^  skip" ;;
@@ -53,10 +53,10 @@ for what in "$@"; do
         "$SRC/tests/test_serving_gpu.py" "$SRC/tests/test_decode_kernels_gpu.py" "$SRC/tests/test_gpu_model_gpu.py" \
         2>&1 | tee "$OUT/serving-tests.log" | tail -30 ;;
     batched_linear)
-      timeout 300 python3 "$SRC/bench/batched_linear.py" --json "$OUT/batched-linear.json" 2>&1 \
+      timeout ${BL_TIMEOUT:-300} python3 "$SRC/bench/batched_linear.py" ${BL_ARGS:-} --json "$OUT/batched-linear.json" 2>&1 \
         | tee "$OUT/batched-linear.log" | tail -60 ;;
     batched_decode)
-      timeout ${BATCHED_TIMEOUT:-300} python3 "$SRC/bench/batched_decode.py" --batches ${BATCHES:-1,4,16,64} --sparsity 0,0.6 --torch \
+      timeout ${BATCHED_TIMEOUT:-300} python3 "$SRC/bench/batched_decode.py" --batches ${BATCHES:-1,4,16,64} --sparsity 0,0.6 ${DECODE_ARGS:---torch} \
         --json "$OUT/batched-decode.json" 2>&1 | tee "$OUT/batched-decode.log" | tail -20 ;;
     serve_bench)  # needs fastapi/uvicorn/httpx on the machine (wheels: see the device README's notes)
       timeout ${SERVE_TIMEOUT:-300} python3 "$SRC/bench/serve.py" --launch --shape 2b4t --sparsity 0,0.6 --max-batch 64 \

@@ -90,6 +90,16 @@ void register_decode(py::module_& m) {
       },
       "logits = RMSNorm(x) @ W^T (norm skipped when norm_w == 0)");
   m.def(
+      "lm_head_mma",
+      [](uintptr_t x, uintptr_t norm_w, float eps, uintptr_t W, int T, int V, int H, uintptr_t logits, uintptr_t ws,
+         uintptr_t stream) {
+        require_gpu();
+        lm_head_mma(p<const float>(x), p<const float>(norm_w), eps, p<const void>(W), T, V, H, p<float>(logits),
+                    p<void>(ws), as_stream(stream));
+      },
+      "logits = RMSNorm(x) @ W^T on tensor cores, W bf16 [V, H], H % 32 == 0; ws: 2*T*H bf16 scratch");
+  m.def("lm_head_mma_supported", &lm_head_mma_supported, "Whether the tensor-core head serves hidden size H.");
+  m.def(
       "lm_head_int8",
       [](uintptr_t x, uintptr_t norm_w, float eps, uintptr_t Q, uintptr_t scales, int T, int V, int H,
          uintptr_t logits, uintptr_t stream) {

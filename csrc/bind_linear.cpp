@@ -2,6 +2,8 @@
 // torch.cuda.current_stream().cuda_stream; qsparse_infer/linear_kernels.py validates everything first.
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
+
 #include "common.cuh"
 #include "linear_api.cuh"
 
@@ -112,7 +114,7 @@ void register_linear(py::module_& m) {
   m.def("gemv_fused_smem_bytes", &gemv_fused_smem_bytes, "Dynamic shared memory of the fused GEMV.");
   m.def("ternary_gemm",
         [](uptr qdense, int ldq, uptr gamma, int T, int D, uptr packed, int RB, uptr colinfo, uptr scales, int epi,
-           uptr residual, uptr out, int out_ld, uptr raw, uptr stream) {
+           uptr residual, uptr out, int out_ld, uptr raw, uptr stream, int variant, int splits) {
           require_gpu();
           GemmArgs a;
           a.qdense = as_ptr<const int8_t>(qdense);
@@ -123,9 +125,16 @@ void register_linear(py::module_& m) {
           a.packed = as_ptr<const uint8_t>(packed);
           a.RB = RB;
           a.ep = make_epilogue(colinfo, scales, epi, residual, out, out_ld, raw);
-          launch_gemm(a, as_stream(stream));
+          if (variant == 2) launch_gemm_skinny(a, splits, as_stream(stream));
+          else if (variant == 1) launch_gemm(a, as_stream(stream));
+          else throw std::invalid_argument("ternary_gemm: variant must be 1 (tiled) or 2 (skinny)");
         },
-        "Tensor-core (mma.sync s8) ternary GEMM over masked int8 activations.");
+        py::arg("qdense"), py::arg("ldq"), py::arg("gamma"), py::arg("T"), py::arg("D"), py::arg("packed"),
+        py::arg("RB"), py::arg("colinfo"), py::arg("scales"), py::arg("epi"), py::arg("residual"), py::arg("out"),
+        py::arg("out_ld"), py::arg("raw"), py::arg("stream"), py::arg("variant") = 1, py::arg("splits") = 1,
+        "Tensor-core (mma.sync s8) ternary GEMM over masked int8 activations: variant 1 (64-token tiles) or 2 "
+        "(decode widths: 16 tokens per CTA, k split over `splits` CTAs of a cluster).");
+  m.def("gemm_skinny_max_splits", &gemm_skinny_max_splits, "Most k-splits (cluster size) of GEMM variant 2.");
 }
 
 }  // namespace qsparse

@@ -56,6 +56,13 @@ void attention_decode(const float* qkv, int stride, int B, int nq, int nkv, int 
 void lm_head(const float* x, const float* norm_w, float eps, const void* W, int wdtype, int T, int V, int H,
              float* logits, cudaStream_t stream);
 
+// The tensor-core head for batched decode (decode_head_mma.cu): W bf16 [V, H] with H % 128 == 0 (see
+// lm_head_mma_supported), any T; ws: 2*T*H bf16 of scratch (16-byte aligned) for xn split into hi + lo.
+// A row's logits are bit-identical whatever T is; they agree with lm_head to ~1e-5 relative.
+bool lm_head_mma_supported(int H);
+void lm_head_mma(const float* x, const float* norm_w, float eps, const void* W, int T, int V, int H,
+                 float* logits, void* ws, cudaStream_t stream);
+
 // The int8 head (decode_head_int8.cu): logits[t, v] = scales[v] * sum_h xn[t, h] * float(Q[v, h]), xn as above,
 // Q [V, H] int8 (per-row absmax, values in [-127, 127]), scales [V] fp32; fp32 accumulation.
 void lm_head_int8(const float* x, const float* norm_w, float eps, const int8_t* Q, const float* scales, int T, int V,

@@ -76,7 +76,7 @@ int gemv_t1_max_d();
 // Dynamic shared memory the fused GEMV needs (0 when it cannot run fused at this D, K).
 size_t gemv_fused_smem_bytes(int D, int K, int chunks_per_tile);
 
-// Tensor-core GEMM for many tokens: qdense int8 [T, ldq] (masked, zero past D, ldq multiple of 64)
+// Tensor-core GEMM for many tokens (variant 1, linear_gemm.cu: 64-token tiles, prefill): qdense int8 [T, ldq] (masked, zero past D, ldq multiple of 64)
 // times the packed ternary matrix, int32 accumulation, then the epilogue with gamma [T].
 struct GemmArgs {
   const int8_t* qdense = nullptr;
@@ -88,5 +88,10 @@ struct GemmArgs {
   EpilogueArgs ep;
 };
 void launch_gemm(const GemmArgs& a, cudaStream_t stream);
+// GEMM variant 2 (linear_gemm_skinny.cu) for decode widths (1-64 tokens; any T works): weights straight into
+// mma fragments, 16 tokens per CTA, the k range split over `splits` CTAs of one cluster (clamped to
+// 1..gemm_skinny_max_splits(); 1 below sm_90).
+void launch_gemm_skinny(const GemmArgs& a, int splits, cudaStream_t stream);
+int gemm_skinny_max_splits();
 
 }  // namespace qsparse

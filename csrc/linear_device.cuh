@@ -26,6 +26,27 @@ __device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
   return d;
 }
 
+// Four words of four consecutive weight rows -> tr[b]: byte j of tr[b] is byte b of row j. Column c of
+// byte b (bits 2c..2c+1 of each byte of tr[b]) then holds the 4 rows' codes of one packed column, the layout
+// dp4a and the mma B fragment want (4 consecutive k in one register).
+__device__ __forceinline__ void transpose_rows4(unsigned w0, unsigned w1, unsigned w2, unsigned w3,
+                                                unsigned (&tr)[4]) {
+  const unsigned lo01 = __byte_perm(w0, w1, 0x5140), hi01 = __byte_perm(w0, w1, 0x7362);
+  const unsigned lo23 = __byte_perm(w2, w3, 0x5140), hi23 = __byte_perm(w2, w3, 0x7362);
+  tr[0] = __byte_perm(lo01, lo23, 0x5410);
+  tr[1] = __byte_perm(lo01, lo23, 0x7632);
+  tr[2] = __byte_perm(hi01, hi23, 0x5410);
+  tr[3] = __byte_perm(hi01, hi23, 0x7632);
+}
+
+// Streaming read of weight words that no other CTA of this kernel reads: read-only path, not kept in L1.
+// Not volatile: the compiler may hoist these loads above independent arithmetic (more bytes in flight).
+__device__ __forceinline__ unsigned ld_stream_u32(const uint8_t* p) {
+  unsigned v;
+  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
 __device__ __forceinline__ float load_x(const void* x, int bf16, size_t i) {
   if (bf16) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(x)[i]);
   return reinterpret_cast<const float*>(x)[i];

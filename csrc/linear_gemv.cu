@@ -39,13 +39,8 @@ __device__ __forceinline__ void accumulate4(int (&acc)[64], const uint4& r0, con
   const unsigned* w3 = &r3.x;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const unsigned lo01 = __byte_perm(w0[i], w1[i], 0x5140), hi01 = __byte_perm(w0[i], w1[i], 0x7362);
-    const unsigned lo23 = __byte_perm(w2[i], w3[i], 0x5140), hi23 = __byte_perm(w2[i], w3[i], 0x7362);
     unsigned tr[4];
-    tr[0] = __byte_perm(lo01, lo23, 0x5410);
-    tr[1] = __byte_perm(lo01, lo23, 0x7632);
-    tr[2] = __byte_perm(hi01, hi23, 0x5410);
-    tr[3] = __byte_perm(hi01, hi23, 0x7632);
+    lin::transpose_rows4(w0[i], w1[i], w2[i], w3[i], tr);
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
 #pragma unroll

@@ -116,10 +116,10 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
         const ushort4 id = sidx4[gg];
         q4[u] = sq4[gg];
         if (col_ok) {
-          w[u][0] = t1::ld_word(wb + id.x * RB);
-          w[u][1] = t1::ld_word(wb + id.y * RB);
-          w[u][2] = t1::ld_word(wb + id.z * RB);
-          w[u][3] = t1::ld_word(wb + id.w * RB);
+          w[u][0] = lin::ld_stream_u32(wb + id.x * RB);
+          w[u][1] = lin::ld_stream_u32(wb + id.y * RB);
+          w[u][2] = lin::ld_stream_u32(wb + id.z * RB);
+          w[u][3] = lin::ld_stream_u32(wb + id.w * RB);
         }
       }
     }

@@ -3,6 +3,7 @@
 // build the masked dense int8 activations of the tensor-core GEMM.
 #include "common.cuh"
 #include "linear_device.cuh"
+#include "pdl.cuh"
 
 namespace qsparse {
 namespace {
@@ -13,6 +14,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
   extern __shared__ float xs[];
   __shared__ lin::SelectScratch s;
   const int t = blockIdx.x;
+  pdl::launch_dependents();
+  pdl::wait();  // x is written, and idx/q/qdense read, by neighbouring kernels
   lin::load_row<kSelectThreads>(a, t, xs, s);
   float scale;
   const float gamma = lin::block_select<kSelectThreads>(xs, a.D, a.K, s, &scale);
@@ -33,8 +36,7 @@ void launch_select(const SelectArgs& a, cudaStream_t stream) {
     QS_CUDA_CHECK(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     configured[dev & 63] = true;
   }
-  select_kernel<<<a.T, kSelectThreads, smem, stream>>>(a);
-  QS_LAUNCH_CHECK("select_kernel");
+  QS_CUDA_CHECK(pdl::launch(select_kernel, dim3(a.T), dim3(kSelectThreads), smem, stream, a));
 }
 
 }  // namespace qsparse

@@ -34,12 +34,6 @@ struct T1Args {
   int rows_per_cta;     // variant 3: channels (weight rows) per CTA, a multiple of 4
 };
 
-__device__ __forceinline__ unsigned ld_word(const uint8_t* p) {
-  unsigned v;
-  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
-
 // Block-wide sums of two packed per-thread counters; parity double-buffers `red` so one barrier per call
 // suffices (a thread can only overwrite a buffer after every thread has passed the barrier that
 // follows the last reads of it).
@@ -76,13 +70,8 @@ __device__ __forceinline__ float block_max(float v, float* red) {
 // shifting back and subtracting sum(q) gives sum(t * q) exactly (t1_finish).
 __device__ __forceinline__ void accumulate4(int (&acc)[16], unsigned w0, unsigned w1, unsigned w2, unsigned w3,
                                             int q4) {
-  const unsigned lo01 = __byte_perm(w0, w1, 0x5140), hi01 = __byte_perm(w0, w1, 0x7362);
-  const unsigned lo23 = __byte_perm(w2, w3, 0x5140), hi23 = __byte_perm(w2, w3, 0x7362);
   unsigned tr[4];
-  tr[0] = __byte_perm(lo01, lo23, 0x5410);
-  tr[1] = __byte_perm(lo01, lo23, 0x7632);
-  tr[2] = __byte_perm(hi01, hi23, 0x5410);
-  tr[3] = __byte_perm(hi01, hi23, 0x7632);
+  lin::transpose_rows4(w0, w1, w2, w3, tr);
 #pragma unroll
   for (int b = 0; b < 4; ++b)
 #pragma unroll

@@ -287,6 +287,26 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | N
     return out
 
 
+def lm_head_mma_supported(weight: torch.Tensor) -> bool:
+    """Whether lm_head_mma serves this head: bf16 [V, H] with H a multiple of 128."""
+    return weight.dtype == torch.bfloat16 and weight.dim() == 2 and bool(ext().lm_head_mma_supported(weight.shape[1]))
+
+
+def lm_head_mma(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor-core head of batched decode: as lm_head for a bf16 weight [V, H] (H % 128 == 0), fp32 logits
+    within ~1e-5 relative of lm_head's; a row's logits are bit-identical for any number of rows in the call."""
+    _check(weight, "weight", (torch.bfloat16,), 2)
+    v, h = weight.shape
+    if not lm_head_mma_supported(weight):
+        raise ValueError(f"lm_head_mma needs a hidden size that is a multiple of 128, got {h}")
+    nptr, out = _head_io(x, v, h, norm_weight, out)
+    ws = torch.empty((2, x.shape[0], h), dtype=torch.bfloat16, device=x.device)  # xn as hi + lo bf16 terms
+    ext().lm_head_mma(x.data_ptr(), nptr, float(eps), weight.data_ptr(), x.shape[0], v, h, out.data_ptr(),
+                      ws.data_ptr(), _stream())
+    return out
+
+
 def lm_head_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor | None = None,
                  eps: float = 1e-5, out: torch.Tensor | None = None) -> torch.Tensor:
     """The int8 head (head_int8.py): x [T, H] fp32, q [V, H] int8, scales [V] fp32 -> fp32 logits [T, V]

@@ -163,21 +163,29 @@ def run_layers(w: GpuWeights, k: TopK, h: torch.Tensor, qkv: torch.Tensor, attn:
         lin(mlp, L.down, k.down, norm_weight=L.ffn_sub_norm, norm_eps=eps, residual=h, out=h)
 
 
-def run_head(w: GpuWeights, k: TopK, h: torch.Tensor, out: torch.Tensor, normed: torch.Tensor | None = None) -> None:
-    """Final RMSNorm + LM head for the rows of h [T, H] into out [T, V] (normed: optional [T, H] scratch)."""
+def run_head(w: GpuWeights, k: TopK, h: torch.Tensor, out: torch.Tensor, normed: torch.Tensor | None = None,
+             tensor_cores: bool = False) -> None:
+    """Final RMSNorm + LM head for the rows of h [T, H] into out [T, V] (normed: optional [T, H] scratch).
+    tensor_cores: the bf16 head runs lm_head_mma where it can (batched decode; see head_gemv)."""
     eps = w.cfg.rms_norm_eps
     if k.head < w.cfg.hidden_size:  # top-K masked head input (dense weights)
         normed = dk.rmsnorm(h, w.final_norm, eps, out=normed)
         normed.mul_(topk_mask(normed, k.head))
-        head_gemv(w, normed, None, out)
+        head_gemv(w, normed, None, out, tensor_cores)
     else:
-        head_gemv(w, h, w.final_norm, out)
+        head_gemv(w, h, w.final_norm, out, tensor_cores)
 
 
-def head_gemv(w: GpuWeights, x: torch.Tensor, norm_weight: torch.Tensor | None, out: torch.Tensor) -> None:
-    """logits = head(RMSNorm(x) * norm_weight, or x when norm_weight is None), int8 or float head."""
+def head_gemv(w: GpuWeights, x: torch.Tensor, norm_weight: torch.Tensor | None, out: torch.Tensor,
+              tensor_cores: bool = False) -> None:
+    """logits = head(RMSNorm(x) * norm_weight, or x when norm_weight is None), int8 or float head.
+    tensor_cores: a bf16 head with H % 128 == 0 runs on tensor cores (dk.lm_head_mma: one pass over the head
+    for any number of rows; within ~1e-5 of the CUDA-core head, so a decoder uses one of them for every row
+    count to keep a row's logits independent of its batch)."""
     eps = w.cfg.rms_norm_eps
     if w.head_q8 is not None:
         dk.lm_head_int8(x, w.head_q8, w.head_q8_scales, norm_weight=norm_weight, eps=eps, out=out)
+    elif tensor_cores and dk.lm_head_mma_supported(w.head):
+        dk.lm_head_mma(x, w.head, norm_weight=norm_weight, eps=eps, out=out)
     else:
         dk.lm_head(x, w.head, norm_weight=norm_weight, eps=eps, out=out)

@@ -194,12 +194,17 @@ class GemvPlan:
 _sm_count: dict[int, int] = {}
 
 
-def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | None = None,
-              shape: tuple[int, int] | None = None) -> GemvPlan:
-    """Launch shape: 64-column chunks per tile, K-splits to fill ~2 CTAs per SM, fused or two launches."""
+def _sms(device: torch.device) -> int:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _sm_count:
         _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_count[idx]
+
+
+def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | None = None,
+              shape: tuple[int, int] | None = None) -> GemvPlan:
+    """Launch shape: 64-column chunks per tile, K-splits to fill ~2 CTAs per SM, fused or two launches."""
+    sms = _sms(device)
     nchunks = w.npad // 64
     c = 8
     while c > 1 and c // 2 >= nchunks:
@@ -208,7 +213,7 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
     groups = -(-k // 4)
     nslots = 8 * 32 // c
     # At most ~2 co-resident CTAs per SM (121 registers x 256 threads): one wave, no tail wave.
-    splits = max(1, min(2 * _sm_count[idx] // ntiles, -(-groups // nslots)))
+    splits = max(1, min(2 * sms // ntiles, -(-groups // nslots)))
     if nchunks >= 192:  # wide outputs (gate/up): tiles alone fill the GPU; no split-K (bench/gemv_sweep.py)
         c = 8 if nchunks >= 800 else 4
         splits, ntiles = 1, -(-nchunks // c)
@@ -227,6 +232,37 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
     else:
         raise ValueError(f"variant must be None, 'fused' or 'split', got {variant!r}")
     return GemvPlan(fused, c, splits, ntiles)
+
+
+GEMM_VARIANTS = {"tiled": 1, "skinny": 2}
+# GEMM variant 2 ("skinny", linear_gemm_skinny.cu) serves up to this many tokens by default; longer prefill
+# chunks keep the 64-token tiles of variant 1.
+GEMM_SKINNY_MAX_TOKENS = 64
+
+
+def plan_gemm(w: PackedTernary, t: int, device: torch.device, variant: str | None = None,
+              shape: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(GEMM variant 1 or 2, k-splits). Variant 2 splits the k range over up to 8 CTAs of a cluster until
+    ~2 CTAs per SM are busy, keeping at least two 32-row k steps per warp (8 per CTA); `shape` = (0, splits)
+    overrides the split count (kernel lab)."""
+    if variant is None:
+        v = GEMM_VARIANTS["skinny"] if t <= GEMM_SKINNY_MAX_TOKENS else GEMM_VARIANTS["tiled"]
+    elif variant in GEMM_VARIANTS:
+        v = GEMM_VARIANTS[variant]
+    else:
+        raise ValueError(f"GEMM variant must be None, 'tiled' or 'skinny', got {variant!r}")
+    if v == 1:
+        return 1, 1
+    if shape is not None:
+        if shape[1] < 1:
+            raise ValueError(f"GEMM shape must be (0, splits >= 1), got {shape}")
+        return 2, int(shape[1])
+    ctas = -(-w.npad // 128) * -(-t // 16)
+    steps = -(-w.in_features // 32)
+    splits = 1
+    while splits < 8 and ctas * splits < 2 * _sms(device) and steps >= 16 * splits:
+        splits *= 2
+    return 2, splits
 
 
 T1_MAX_D = 32768  # = _C.gemv_t1_max_d(): the one-token kernel keeps 32 values of x per thread, 1024 threads
@@ -309,11 +345,13 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     """BitLinear over a packed ternary group: [RMSNorm] -> absmax int8 -> top-k -> int32 product -> epilogue.
 
     T <= 8 tokens run the gather-GEMV (only the k selected rows are read); more run the tensor-core
-    GEMM on masked int8 activations. One token goes to a one-token kernel: variant 3 ("t1p", weight rows
-    prefetched into shared memory) for dense projections where its tile fits, else variant 2 ("t1"), unless
-    `_variant` ("t1", "t1p", or "fused" / "split" = variant 1) says otherwise. `_raw_acc` (int32 [T, Npad],
+    GEMM on masked int8 activations (variant 2, "skinny", up to GEMM_SKINNY_MAX_TOKENS; variant 1, "tiled",
+    above). One token goes to a one-token kernel: variant 3 ("t1p", weight rows prefetched into shared memory)
+    for dense projections where its tile fits, else variant 2 ("t1"), unless `_variant` ("t1", "t1p",
+    "fused" / "split" = GEMV variant 1, "tiled" / "skinny" = a GEMM variant for any T) says otherwise. `_raw_acc` (int32 [T, Npad],
     tests) receives the exact int32 accumulators per packed column; `_shape` overrides the launch shape
-    (benchmarks): (chunks per tile, K-splits) for variant 1, (CTA size or 0, CTAs per column block) for t1/t1p.
+    (benchmarks): (chunks per tile, K-splits) for variant 1, (CTA size or 0, CTAs per column block) for t1/t1p,
+    (0, k-splits) for the skinny GEMM.
     `_path` forces a path for any T (batched decode picks paths by measured crossovers, bench/batched_linear.py):
     "t1" (a one-token kernel once per row), "gemv" (variant 1 in groups of <= 8 rows), "gemm" (tensor cores).
     Every path gives each row the same bits: exact int32 sums, a shared epilogue, and with norm_weight the
@@ -369,6 +407,7 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     elif _path == "gemv" and t == 1 and _variant in (None, "t1"):
         _variant = "fused" if plan_gemv(w, k, dev).fused else "split"
 
+    gemm = _path == "gemm" or _variant in GEMM_VARIANTS
     stream = _stream(dev)
     xb = int(x.dtype == torch.bfloat16)
     norm_ptr = norm_weight.data_ptr() if norm_weight is not None else 0
@@ -377,7 +416,7 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     rb = int(w.packed.shape[1])
     one_token = _variant in ("t1", "t1p")
     use_t1 = d <= T1_AUTO_MAX_D if _variant is None else (one_token and d <= T1_MAX_D)
-    if t == 1 and k >= 1 and use_t1 and _path != "gemm":
+    if t == 1 and k >= 1 and use_t1 and not gemm:
         r = _shape[1] if (one_token and _shape is not None) else plan_t1(w, k, dev)
         threads = _shape[0] if (one_token and _shape is not None) else t1_threads(d)
         if _variant is None:
@@ -389,7 +428,7 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
         ext().ternary_gemv_t1(x.data_ptr(), xb, norm_ptr, float(norm_eps), d, k, w.packed.data_ptr(), rb,
                               w.colinfo.data_ptr(), w.scales.data_ptr(), int(w.scales.numel()), epi, res_ptr,
                               out.data_ptr(), n_out, raw_ptr, r, stream, threads, variant)
-    elif t <= MAX_GEMV_TOKENS and _path != "gemm":
+    elif t <= MAX_GEMV_TOKENS and not gemm:
         if one_token:
             raise ValueError("the one-token GEMV variants (t1, t1p) take exactly one token and 1 <= k")
         plan = plan_gemv(w, k, dev, _variant, _shape)
@@ -416,8 +455,10 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
         g_buf = _buffer(dev, "gemm_gamma", t, torch.float32)
         ext().quantize_topk(x.data_ptr(), xb, norm_ptr, float(norm_eps), t, d, k, idx_buf.data_ptr(),
                             q_buf.data_ptr(), k, g_buf.data_ptr(), qd.data_ptr(), ldq, stream)
+        forced = _variant in GEMM_VARIANTS  # _path="gemm" alone leaves the variant and splits to the plan
+        variant, splits = plan_gemm(w, t, dev, _variant if forced else None, _shape if forced else None)
         ext().ternary_gemm(qd.data_ptr(), ldq, g_buf.data_ptr(), t, d, w.packed.data_ptr(), rb, w.colinfo.data_ptr(),
-                           w.scales.data_ptr(), epi, res_ptr, out.data_ptr(), n_out, raw_ptr, stream)
+                           w.scales.data_ptr(), epi, res_ptr, out.data_ptr(), n_out, raw_ptr, stream, variant, splits)
     return out
 
 
@@ -473,4 +514,4 @@ def bytes_read(w: PackedTernary, k: int) -> int:
 
 
 __all__ = ["PackedTernary", "quantize_topk", "ternary_linear", "pack_ternary_gpu", "unpack_ternary_gpu",
-           "column_info", "plan_gemv", "bytes_read", "MAX_GEMV_TOKENS", "FUSED_MAX_D"]
+           "column_info", "plan_gemv", "plan_gemm", "bytes_read", "MAX_GEMV_TOKENS", "FUSED_MAX_D"]

@@ -36,7 +36,7 @@ def test_torch_peer_batch_rows_equal_single():
 
 def test_linear_policy_paths():
     p = LinearPolicy()
-    assert [p.path(b) for b in (1, 2, 8, 16, 17, 64)] == ["t1", "gemv", "gemv", "gemv", "gemm", "gemm"]
+    assert [p.path(b) for b in (1, 2, 8, 16, 17, 64)] == ["t1", "gemm", "gemm", "gemm", "gemm", "gemm"]
     p = LinearPolicy(gemv_max_rows=16, t1_single_row=False)
     assert [p.path(b) for b in (1, 2, 16, 17)] == ["gemv", "gemv", "gemv", "gemm"]
     assert list(BUCKETS[:7]) == [1, 2, 4, 8, 16, 32, 64]

@@ -298,20 +298,44 @@ def test_residual_epilogue_aliased(t):
     assert torch.equal(res.cpu(), ref)
 
 
-@pytest.mark.parametrize("t,s", [(37, 0.0), (37, 0.6), (70, 0.25), (9, 0.9)])
-def test_gemm_exact(t, s):
+@pytest.mark.parametrize("t,s,variant", [(37, 0.0, None), (37, 0.6, None), (70, 0.25, None), (9, 0.9, None),
+                                         (70, 0.6, "skinny"), (37, 0.6, "tiled"), (1, 0.0, "skinny"),
+                                         (16, 0.6, "skinny"), (17, 0.0, "skinny"), (64, 0.6, "skinny")])
+def test_gemm_exact(t, s, variant):
+    """Both GEMM variants (skinny by default up to 64 tokens, tiled above) give the exact int32 sums."""
     gen = torch.Generator().manual_seed(t * 3)
     d, sizes = 997, [333, 77, 77]
     w, full, betas = build(sizes, "concat", d, gen)
     x = make_x(t, d, "zero_token", gen)
     x[1::7] = make_x(1, d, "ties", gen)  # some tie-heavy tokens
     k = k_of(d, s)
-    y, raw = run_linear(x, w, k)
+    y, raw = run_linear(x, w, k, _path="gemm", _variant=variant)
     q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
     acc = quant.int_matmul(q, full)
     assert torch.equal(logical_acc(raw, w), acc)
     assert not torch.isnan(y).any()
     assert torch.equal(y.cpu(), ref_outputs(acc, gamma, betas, sizes))
+
+
+@pytest.mark.parametrize("d,sizes,layout", [(2560, [2560, 640, 640], "concat"), (6912, [2560], "concat"),
+                                             (2560, [6912, 6912], "interleave"), (31, [13], "concat"),
+                                             (4100, [129], "concat")])
+@pytest.mark.parametrize("splits", [None, 1, 3, 8])
+@pytest.mark.parametrize("t", [2, 16, 33])
+def test_gemm_skinny_shapes(d, sizes, layout, splits, t):
+    """GEMM variant 2 at the 2B4T shapes and odd ones (D not a multiple of 32, a partial 128-column tile, a
+    partial token group), every split count: exact int32 against the reference, outputs poisoned first."""
+    gen = torch.Generator().manual_seed(d + t + (splits or 0))
+    w, full, betas = build(sizes, layout, d, gen)
+    x = make_x(t, d, "randn", gen)
+    k = k_of(d, 0.6)
+    shape = None if splits is None else (0, splits)
+    y, raw = run_linear(x, w, k, _variant="skinny", _shape=shape)
+    q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
+    acc = quant.int_matmul(q, full)
+    assert torch.equal(logical_acc(raw, w), acc)
+    if layout == "concat":
+        assert torch.equal(y.cpu(), ref_outputs(acc, gamma, betas, sizes))
 
 
 @pytest.mark.parametrize("t,variant", [(1, "fused"), (1, "t1"), (1, "t1p"), (3, "split"), (20, None)])

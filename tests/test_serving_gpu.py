@@ -104,25 +104,58 @@ def test_sample_batch_equals_single_rows(b, v):
     assert (st["token"][free] == -7).all(), "a row wrote another sequence's state"
 
 
-@pytest.mark.parametrize("h", [256, 330, 2560])
+@pytest.mark.parametrize("head,h", [("cuda_cores", 256), ("cuda_cores", 330), ("cuda_cores", 2560),
+                                    ("tensor_cores", 256), ("tensor_cores", 2560)])
 @pytest.mark.parametrize("with_norm", [True, False])
-def test_lm_head_rows_bit_identical(h, with_norm):
-    """T rows in one call (1 or 2 passes of <= 16 rows) == T one-row calls, bit for bit."""
+def test_lm_head_rows_bit_identical(head, h, with_norm):
+    """T rows in one call (for the CUDA-core head 1 or 2 passes of <= 16 rows; for the tensor-core head 1 or 2
+    groups of 16 in one launch) == T one-row calls, bit for bit."""
+    fn = dk.lm_head if head == "cuda_cores" else dk.lm_head_mma
     v, t = 1003, 21
     g = torch.Generator(device=DEV).manual_seed(h)
     w = torch.randn(v, h, generator=g, device=DEV).to(torch.bfloat16)
     x = torch.randn(t, h, generator=g, device=DEV) * 4
     nw = torch.randn(h, generator=g, device=DEV) if with_norm else None
     many = torch.full((t, v), float("nan"), device=DEV)
-    dk.lm_head(x, w, norm_weight=nw, eps=1e-6, out=many)
+    fn(x, w, norm_weight=nw, eps=1e-6, out=many)
     for n in (3, 16):
         part = torch.full((n, v), float("nan"), device=DEV)
-        dk.lm_head(x[:n], w, norm_weight=nw, eps=1e-6, out=part)
+        fn(x[:n], w, norm_weight=nw, eps=1e-6, out=part)
         assert torch.equal(part, many[:n])
     for i in range(t):
         one = torch.full((1, v), float("nan"), device=DEV)
-        dk.lm_head(x[i:i + 1], w, norm_weight=nw, eps=1e-6, out=one)
+        fn(x[i:i + 1], w, norm_weight=nw, eps=1e-6, out=one)
         assert torch.equal(one[0], many[i]), f"row {i}"
+
+
+@pytest.mark.parametrize("t,v,h", [(1, 1003, 2560), (16, 4099, 256), (37, 517, 4096), (64, 2000, 2560)])
+def test_lm_head_mma_accuracy(t, v, h):
+    """The tensor-core head against an fp64 reference: max |error| <= 5e-5 * max |logit|. Why that holds: xn is
+    carried as hi + lo bf16 terms (16 significant bits, 2^-17 relative per element), the bf16 products are
+    exact in fp32, and the fp32 accumulation runs over H/16 mma steps; the CUDA-core head meets the same bound.
+    Also: odd V (the last n-tile half out of range), T not a multiple of 16, rows past T never written."""
+    g = torch.Generator(device=DEV).manual_seed(t + v)
+    w = torch.randn(v, h, generator=g, device=DEV).to(torch.bfloat16)
+    x = torch.randn(t + 3, h, generator=g, device=DEV) * 4
+    nw = torch.rand(h, generator=g, device=DEV) + 0.5
+    out = torch.full((t + 3, v), float("nan"), device=DEV)
+    dk.lm_head_mma(x[:t], w, norm_weight=nw, eps=1e-6, out=out[:t])
+    assert torch.isnan(out[t:]).all(), "rows past T were written"
+    x64 = x[:t].double()
+    xn = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+    ref = xn @ w.double().t()
+    bound = 5e-5 * ref.abs().max().item()
+    assert (out[:t].double() - ref).abs().max().item() <= bound
+    cuda_cores = dk.lm_head(x[:t], w, norm_weight=nw, eps=1e-6)
+    assert (cuda_cores.double() - ref).abs().max().item() <= bound
+
+
+def test_lm_head_mma_rejects_unsupported():
+    w = torch.zeros(10, 330, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        dk.lm_head_mma(torch.zeros(2, 330, device=DEV), w)
+    with pytest.raises(ValueError, match="bfloat16"):
+        dk.lm_head_mma(torch.zeros(2, 256, device=DEV), torch.zeros(10, 256, device=DEV))
 
 
 @pytest.mark.parametrize("d,glu,residual", [(2053, None, False), (4099, None, True), (1027, "relu2", False)])

@@ -47,16 +47,16 @@ class LinearPolicy:
     """Which ternary_linear path serves a batch of B rows (crossovers: bench/batched_linear.py).
     B == 1: the one-token kernel ("t1") if t1_single_row, else variant 1; B <= gemv_max_rows: the gather-GEMV
     (variant 1, groups of <= 8 rows, each row reads only its selected weight rows); larger B: the tensor-core
-    GEMM (reads every weight row once for all B rows).
+    GEMM (its skinny variant 2 up to 64 rows: every weight row read once for all B rows).
 
     Every path rounds a row identically (the kernels share the RMSNorm's summation order and the int32 sums are
     exact), so a seeded request gives the same tokens alone and batched (SERVING_API.md) whichever is chosen;
     the policy only picks the fastest."""
 
-    # 16, measured on an H200 (bench/NOTES-batched.md, serve-h200*.json, batched-decode-h200.log; 2B4T): at
-    # B = 16 the gather-GEMV in groups of 8 rows runs a step in 15.9 ms (S = 0) / 12.9 ms (S = 0.6) against
-    # 27-28 ms for the GEMM; at B = 64 it takes 61 / 49 ms against ~36 ms for the GEMM.
-    gemv_max_rows: int = 16
+    # 1, measured on an H200 (bench/NOTES-batched.md, batched-linear-h200.json; 2B4T): the skinny GEMM beats the
+    # gather-GEMV from B = 2 at S = 0 and S = 0.6 alike (a layer's four projections at B = 2: 50 vs 87 us at
+    # S = 0, 74 vs 90 us at S = 0.6; at B = 16: 77 vs 450 and 104 vs 357 us). B = 1 keeps the one-token kernel.
+    gemv_max_rows: int = 1
     t1_single_row: bool = True
 
     def path(self, rows: int) -> str:
@@ -214,7 +214,7 @@ class GpuBatchRunner:
         dk.embedding(self.weights.embed, self.row_tokens[:nb], out=self.h[:nb])
         run_layers(self.weights, self.topk, self.h[:nb], self.qkv[:nb], self.attn[:nb], self.mlp[:nb],
                    self._attend_decode(nb), self._lin)
-        run_head(self.weights, self.topk, self.h[:nb], self.logits[:nb], normed=self.normed[:nb])
+        run_head(self.weights, self.topk, self.h[:nb], self.logits[:nb], normed=self.normed[:nb], tensor_cores=True)
         dk.sample_batch(self.logits[:nb], self.seen, self.fparams, self.iparams, self.rng, self.pos, self.token,
                         slots=slots, advance=1)
         torch.index_select(self.token, 0, slots, out=self.out_tokens[:nb])
@@ -296,7 +296,7 @@ class GpuBatchRunner:
             mlp = torch.empty(n, cfg.intermediate_size, dtype=torch.float32, device=dev)
             run_layers(self.weights, self.topk, h, qkv, attn, mlp, attend, self._ternary_linear)
             if last:
-                run_head(self.weights, self.topk, h[-1:], self.logits[:1], normed=self.normed[:1])
+                run_head(self.weights, self.topk, h[-1:], self.logits[:1], normed=self.normed[:1], tensor_cores=True)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise RuntimeError(f"CUDA out of memory during the prefill of {n} tokens; use shorter chunks") from None
