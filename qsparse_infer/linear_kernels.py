@@ -235,9 +235,10 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
 
 
 GEMM_VARIANTS = {"tiled": 1, "skinny": 2}
-# GEMM variant 2 ("skinny", linear_gemm_skinny.cu) serves up to this many tokens by default; longer prefill
-# chunks keep the 64-token tiles of variant 1.
-GEMM_SKINNY_MAX_TOKENS = 64
+# GEMM variant 2 ("skinny", linear_gemm_skinny.cu) serves up to this many tokens by default, prefill included;
+# a CTA per 16 tokens re-reads its weights from L2. Variant 1 (64-token tiles, weights unpacked byte by byte into
+# shared memory) took 500-600 us per 2B4T layer at 1-64 tokens against 47-99 us (bench/NOTES-batched.md).
+GEMM_SKINNY_MAX_TOKENS = 1 << 20
 
 
 def plan_gemm(w: PackedTernary, t: int, device: torch.device, variant: str | None = None,
