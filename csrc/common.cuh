@@ -35,6 +35,17 @@ void require_gpu();
 // Number of visible GPUs, 0 when there is no driver or no device (never throws).
 int gpu_count();
 
+// Appends a thread-block-cluster shape of (1, size, 1) to attrs[n] and returns the new count (sm_90+ only:
+// the caller passes the device's compute-capability major and gets n back unchanged below 9).
+inline int add_cluster_y_attr(cudaLaunchAttribute* attrs, int n, int size, int cc_major) {
+  if (cc_major < 9) return n;
+  attrs[n].id = cudaLaunchAttributeClusterDimension;
+  attrs[n].val.clusterDim.x = 1;
+  attrs[n].val.clusterDim.y = size;
+  attrs[n].val.clusterDim.z = 1;
+  return n + 1;
+}
+
 template <typename T>
 inline T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 

@@ -199,15 +199,7 @@ void launch_gemm_skinny(const GemmArgs& a, int splits, cudaStream_t stream) {
   cfg.blockDim = dim3(kThreads, 1, 1);
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (major >= 9) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = splits;
-    attr[0].val.clusterDim.z = 1;
-    n = 1;
-  }
-  cfg.numAttrs = pdl::add_attr(attr, n);
+  cfg.numAttrs = pdl::add_attr(attr, add_cluster_y_attr(attr, 0, splits, major));
   cfg.attrs = attr;
   QS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemm_skinny_kernel, s));
 }

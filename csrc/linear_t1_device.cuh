@@ -326,15 +326,7 @@ void launch(Kernel kernel, const T1Args& a, int nt, size_t smem, int cc_major, c
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (cc_major >= 9) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = a.R;
-    attr[0].val.clusterDim.z = 1;
-    n = 1;
-  }
-  cfg.numAttrs = pdl::add_attr(attr, n);
+  cfg.numAttrs = pdl::add_attr(attr, add_cluster_y_attr(attr, 0, a.R, cc_major));
   cfg.attrs = attr;
   QS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
 }
