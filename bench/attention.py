@@ -16,14 +16,13 @@ microseconds per call. Also timed in the same run:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import time_graph  # noqa: E402  (the kernel lab's one timer: median of CUDA-graph replays)
+from kernels import time_graph, write_json  # noqa: E402  (the kernel lab's timer and result writer)
 
 from qsparse_infer import decode_kernels as dk  # noqa: E402
 
@@ -117,14 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  ctx {ctx:>5} min_chunk {mc:>3}  " + "  ".join(line))
             del case
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
         result = {"device": torch.cuda.get_device_name(), **{k: round(v, 1) for k, v in ceiling.items()},
                   "launch_floor_us": round(floor, 3), "shape": {"nq": NQ, "nkv": NKV, "hd": HD},
                   "rows": rows, "sweep": sweep}
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.json)
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 

@@ -10,17 +10,20 @@ read-back: what the server pays per step). Prints one line per (S, B) and, with 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from qsparse_infer.config import SparsityConfig
-from qsparse_infer.random_model import SHAPES, random_engine
-from qsparse_infer.sampling import SamplingSettings
-from qsparse_infer.serving.gpu_runner import GpuBatchRunner, LinearPolicy
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import write_json  # noqa: E402  (the kernel lab's atomic result writer)
+
+from qsparse_infer.config import SparsityConfig  # noqa: E402
+from qsparse_infer.random_model import SHAPES, random_engine  # noqa: E402
+from qsparse_infer.sampling import SamplingSettings  # noqa: E402
+from qsparse_infer.serving.gpu_runner import GpuBatchRunner, LinearPolicy  # noqa: E402
 
 
 def bench_runner(runner: GpuBatchRunner, b: int, prompt: int, steps: int) -> dict:
@@ -118,11 +121,7 @@ def main() -> None:
                   f"({r['mode']}, peak {r['peak_mem'] / 2**30:.1f} GiB)")
             out.append(r)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": out}, indent=1))
-        tmp.replace(args.json)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"device": torch.cuda.get_device_name(), "results": out})
 
 
 if __name__ == "__main__":

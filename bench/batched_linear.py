@@ -19,14 +19,13 @@ per B and the serving.gpu_runner.LinearPolicy that follows from it. --json write
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import time_graph  # noqa: E402  (median of CUDA-graph replays, warm-up outside the capture)
+from kernels import time_graph, write_json  # noqa: E402  (median of CUDA-graph replays, warm-up outside the capture)
 
 from qsparse_infer.config import ModelConfig, topk_count  # noqa: E402
 from qsparse_infer.gpu_weights import group_geometry  # noqa: E402
@@ -113,11 +112,7 @@ def main() -> None:
             print(f"  (not one crossover: the GEMM already wins at B = {gemm_min})")
         print(f"  => LinearPolicy(gemv_max_rows={gemv_max}, t1_single_row={best.get(1, 't1') == 't1'})  (S = {s})")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1))
-        tmp.replace(args.json)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"device": torch.cuda.get_device_name(), "results": results})
 
 
 if __name__ == "__main__":

@@ -47,6 +47,15 @@ def card_name() -> str:
     return name.replace(" ", "-")
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Write a benchmark result atomically (temp file + rename): a run killed mid-write leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
 def time_graph(fn_calls: list, replays: int = 25) -> float:
     """Median microseconds per call: a graph runs every call once; events around each replay."""
     s = torch.cuda.Stream()
