@@ -235,10 +235,10 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
 
 
 GEMM_VARIANTS = {"tiled": 1, "skinny": 2}
-# GEMM variant 2 ("skinny", linear_gemm_skinny.cu) serves up to this many tokens by default, prefill included;
-# a CTA per 16 tokens re-reads its weights from L2. Variant 1 (64-token tiles, weights unpacked byte by byte into
-# shared memory) took 500-600 us per 2B4T layer at 1-64 tokens against 47-99 us (bench/NOTES-batched.md).
-GEMM_SKINNY_MAX_TOKENS = 1 << 20
+# GEMM variant 2 ("skinny", linear_gemm_skinny.cu) is the default at every T, prefill included (a CTA per 16
+# tokens re-reads its weights from L2). Variant 1 (64-token tiles, weights unpacked byte by byte into shared
+# memory) took 500-600 us per 2B4T layer at 1-64 tokens against 47-99 us, and prefill ran 4x slower
+# (bench/NOTES-batched.md); it stays as `_variant="tiled"`.
 
 
 def plan_gemm(w: PackedTernary, t: int, device: torch.device, variant: str | None = None,
@@ -246,12 +246,9 @@ def plan_gemm(w: PackedTernary, t: int, device: torch.device, variant: str | Non
     """(GEMM variant 1 or 2, k-splits). Variant 2 splits the k range over up to 8 CTAs of a cluster until
     ~2 CTAs per SM are busy, keeping at least two 32-row k steps per warp (8 per CTA); `shape` = (0, splits)
     overrides the split count (kernel lab)."""
-    if variant is None:
-        v = GEMM_VARIANTS["skinny"] if t <= GEMM_SKINNY_MAX_TOKENS else GEMM_VARIANTS["tiled"]
-    elif variant in GEMM_VARIANTS:
-        v = GEMM_VARIANTS[variant]
-    else:
+    if variant is not None and variant not in GEMM_VARIANTS:
         raise ValueError(f"GEMM variant must be None, 'tiled' or 'skinny', got {variant!r}")
+    v = GEMM_VARIANTS[variant or "skinny"]
     if v == 1:
         return 1, 1
     if shape is not None:
@@ -346,11 +343,11 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     """BitLinear over a packed ternary group: [RMSNorm] -> absmax int8 -> top-k -> int32 product -> epilogue.
 
     T <= 8 tokens run the gather-GEMV (only the k selected rows are read); more run the tensor-core
-    GEMM on masked int8 activations (variant 2, "skinny", up to GEMM_SKINNY_MAX_TOKENS; variant 1, "tiled",
-    above). One token goes to a one-token kernel: variant 3 ("t1p", weight rows prefetched into shared memory)
-    for dense projections where its tile fits, else variant 2 ("t1"), unless `_variant` ("t1", "t1p",
-    "fused" / "split" = GEMV variant 1, "tiled" / "skinny" = a GEMM variant for any T) says otherwise. `_raw_acc` (int32 [T, Npad],
-    tests) receives the exact int32 accumulators per packed column; `_shape` overrides the launch shape
+    GEMM on masked int8 activations (variant 2, "skinny"; variant 1, "tiled", only when asked for). One
+    token goes to a one-token kernel: variant 3 ("t1p", weight rows prefetched into shared memory) for dense
+    projections where its tile fits, else variant 2 ("t1"), unless `_variant` ("t1", "t1p", "fused" /
+    "split" = GEMV variant 1, "tiled" / "skinny" = a GEMM variant for any T) says otherwise. `_raw_acc`
+    (int32 [T, Npad], tests) receives the exact int32 accumulators per packed column; `_shape` overrides the launch shape
     (benchmarks): (chunks per tile, K-splits) for variant 1, (CTA size or 0, CTAs per column block) for t1/t1p,
     (0, k-splits) for the skinny GEMM.
     `_path` forces a path for any T (batched decode picks paths by measured crossovers, bench/batched_linear.py):
