@@ -154,6 +154,25 @@ def test_sample_greedy_ties_penalty_and_state():
     assert int(st["token"]) == 40_000 and int(st["pos"]) == 14
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+@pytest.mark.parametrize("v", [4, 5, 4099, 128_256])
+def test_sample_greedy_vector_and_tail_paths(offset, v):
+    """Greedy picks the first maximum whether the logits are read as 16-byte vectors (aligned) or one by one
+    (a view at offset 1..3 floats, and the V % 4 tail), with NaN logits skipped and an all -inf row -> 0."""
+    g = torch.Generator(device=DEV).manual_seed(v + offset)
+    buf = torch.randn(v + 4, device=DEV, generator=g)
+    logits = buf[offset:offset + v]
+    logits[v // 3] = float("nan")
+    top = [v - 1, v // 2, v - 2] if v > 4 else [v - 1, 1]
+    for i in top:  # ties across the vector part and the tail: the lowest index must win
+        logits[i] = 7.5
+    want = min(top)
+    for row, expect in ((logits, want), (torch.full_like(logits, float("-inf")), 0)):
+        st = _sample_state(v, 0.0, 1.0, 1.0, 0, 1, 0, 0)
+        dk.sample(row, st["seen"], st["fparams"], st["iparams"], st["rng"], st["pos"], st["token"])
+        assert int(st["token"]) == expect
+
+
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (50, 1.0), (0, 0.9), (40, 0.8), (1, 1.0)])
 def test_sample_matches_cpu_rules(top_k, top_p):
     v, temp, rp, seed = 32_003, 0.7, 1.3, 99
