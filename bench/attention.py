@@ -87,13 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     peak = ceiling["streaming_gbps"]
     print(f"{torch.cuda.get_device_name()}: copy {ceiling['copy_gbps']:.0f} GB/s, read-only sum "
           f"{ceiling['read_gbps']:.0f} GB/s -> streaming ceiling {peak:.0f} GB/s; graph launch floor {floor:.2f} us")
-    print(f"shape nq={NQ} nkv={NKV} hd={HD} bf16 cache; defaults min_chunk={dk.DEFAULT_MIN_CHUNK} "
-          f"max_splits<={dk.DEFAULT_MAX_SPLITS}")
+    print(f"shape nq={NQ} nkv={NKV} hd={HD} bf16 cache; min_chunk {dk.DEFAULT_MIN_CHUNK} at B = 1 (GpuModel), "
+          f"{dk.BATCHED_MIN_CHUNK} at B > 1 (batched runner); max_splits<={dk.DEFAULT_MAX_SPLITS}")
     print(f"{'ctx':>6} {'B':>3} {'us/call':>8} {'KV MB':>8} {'GB/s':>7} {'% strm':>7} {'old us':>9}")
     rows = []
     for ctx, b in [(c, 1) for c in CONTEXTS] + [(1024, 16)]:
         case = Case(ctx, b, gen)
-        us = case.time_new()
+        us = case.time_new(min_chunk=dk.DEFAULT_MIN_CHUNK if b == 1 else dk.BATCHED_MIN_CHUNK)
         old = None if args.no_old or b != 1 else case.time_old()
         gbps = case.kv_bytes / (us * 1e-6) / 1e9
         row = {"ctx": ctx, "B": b, "us": round(us, 3), "kv_bytes": case.kv_bytes, "gbps": round(gbps, 1),

@@ -69,17 +69,19 @@ void register_decode(py::module_& m) {
   m.def(
       "attention_decode",
       [](uintptr_t qkv, int stride, int B, int nq, int nkv, int hd, uintptr_t kc, uintptr_t vc, int cache_dtype,
-         int num_slots, int max_len, uintptr_t positions, uintptr_t slots, uintptr_t out, uintptr_t ws,
-         uintptr_t counters, int max_splits, int min_chunk, uintptr_t stream) {
+         int num_slots, int max_len, uintptr_t positions, uintptr_t slots, uintptr_t cos_t, uintptr_t sin_t,
+         uintptr_t out, uintptr_t ws, uintptr_t counters, int max_splits, int min_chunk, uintptr_t stream) {
         require_gpu();
         if (B > 0 && (!qkv || !kc || !vc || !positions || !slots || !out)) {
           throw std::invalid_argument("attention_decode: null device pointer");
         }
-        attention_decode(p<const float>(qkv), stride, B, nq, nkv, hd, p<const void>(kc), p<const void>(vc),
-                         cache_dtype, num_slots, max_len, p<const int32_t>(positions), p<const int32_t>(slots),
-                         p<float>(out), p<float>(ws), p<int>(counters), max_splits, min_chunk, as_stream(stream));
+        attention_decode(p<const float>(qkv), stride, B, nq, nkv, hd, p<void>(kc), p<void>(vc), cache_dtype,
+                         num_slots, max_len, p<const int32_t>(positions), p<const int32_t>(slots),
+                         p<const float>(cos_t), p<const float>(sin_t), p<float>(out), p<float>(ws), p<int>(counters),
+                         max_splits, min_chunk, as_stream(stream));
       },
-      "batched split-K decode attention: row b over positions [0, positions[b]] of cache slot slots[b]");
+      "batched split-K decode attention: row b over positions [0, positions[b]] of cache slot slots[b]; "
+      "cos_t/sin_t (0 = none) fuse RoPE + KV append in");
   m.def(
       "lm_head",
       [](uintptr_t x, uintptr_t norm_w, float eps, uintptr_t W, int wdtype, int T, int V, int H, uintptr_t logits,

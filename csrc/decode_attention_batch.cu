@@ -5,13 +5,15 @@
 // [S, nkv, max_len, hd] (fp32 or bf16), activations fp32.
 //
 // Design (why):
-// - Grid (max_splits, nkv, B), 128 threads. A CTA owns one contiguous chunk of positions for the G query
+// - Grid (max_splits, nkv, B), 256 threads. A CTA owns one contiguous chunk of positions for the G query
 //   heads of one kv head, so each K/V row is read from DRAM exactly once for all G heads.
 // - Decode attention is a chain of dependent memory round trips (launch, K/V loads, merge), not FLOPs.
 //   So a CTA issues the loads of a whole tile of positions at once: TPP lanes per position, 16-byte loads
 //   (a bf16 hd-128 row is 16 lanes x 16 B), RPT positions per thread, K and V of the tile together (V is
 //   prefetched with K so the two DRAM round trips overlap), and the first tile's loads go out before q is
-//   even staged. Scores of the tile are computed in parallel (dot over the thread's lanes + xor shuffles),
+//   even staged; each next tile's loads go out before the current tile's math (registers double-buffered).
+//   A tile is ~32 positions over 256 threads (2 per thread at hd 128), so one tile's chain of dependent
+//   instructions is short: a short context pays exactly one tile per CTA. Scores of the tile are computed in parallel (dot over the thread's lanes + xor shuffles),
 //   the block takes the tile's max and exp() in shared memory (one warp per head), then P.V runs with
 //   each thread owning a few head dims of its positions; chunks longer than one tile loop with an online
 //   softmax (running max / sum, accumulator rescale).
@@ -26,7 +28,7 @@
 //   memory-level parallelism: all (max, sum) pairs in one round, then 16-byte accumulator loads unrolled
 //   16 deep. Its cost grows with the split count, hence the cap (max_splits, 64 by default): at long
 //   contexts 64 splits x nkv CTAs already keep far more bytes in flight than DRAM needs.
-// - 3 CTAs per SM (<= 168 registers): at 2B4T shape 64 x 5 = 320 CTAs fit in one wave on 132 SMs.
+// - 2 CTAs per SM (<= 128 registers; 1 for 8 query heads per kv head, whose accumulators need more).
 // - hd not a multiple of 16 bytes (odd test sizes) or unaligned caches take the same code with scalar
 //   loads (VEC = false).
 #include <cmath>
@@ -41,13 +43,15 @@
 namespace qsparse {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxG = 8;
 constexpr int kMaxSplits = 128;
 
-// Compile-time tiling for cache element C, head dims padded to HD_MAX, 16-byte loads or scalar ones.
-template <typename C, int HD_MAX, bool VEC>
+// Compile-time tiling for cache element C, head dims padded to HD_MAX, 16-byte loads or scalar ones, and at
+// most GMAX query heads per kv head (G rounded up to a power of two: the per-head loops are unrolled, so the
+// code, and the instruction-cache footprint, grows with GMAX, not with kMaxG).
+template <typename C, int HD_MAX, bool VEC, int GMAX>
 struct Tiling {
   using R = typename std::conditional<VEC, uint4, C>::type;       // one load
   static constexpr int VW = VEC ? 16 / (int)sizeof(C) : 1;        // elements per load
@@ -56,20 +60,19 @@ struct Tiling {
   static constexpr int CPT = NC / TPP;                            // loads per thread per row
   static constexpr int EPT = CPT * VW;                            // head dims per thread
   static constexpr int PPP = kThreads / TPP;                      // positions per pass of the block
-  static constexpr int REGS_ROW = CPT * (sizeof(R) >= 4 ? (int)sizeof(R) / 4 : 1);
-  // ~32 registers of K (and as many of V) in flight per thread: 16 KB of K + 16 KB of V per bf16 tile.
-  // The scalar fallback (odd sizes only) holds half that to stay clear of spills.
-  static constexpr int REGS_KV = VEC ? 32 : 16;
-  static constexpr int RPT = REGS_KV / REGS_ROW > 8 ? 8 : (REGS_KV / REGS_ROW < 1 ? 1 : REGS_KV / REGS_ROW);
+  // Few positions per thread: the chain of one tile (scores, softmax, P.V) is what a short context pays,
+  // so a tile is ~32 positions spread over all 256 threads rather than 64 over 128 (4x fewer instructions
+  // per warp than the first version, which spent its ~11 us issuing ~2.7k dependent instructions per warp).
+  static constexpr int RPT = PPP >= 32 ? 1 : 32 / PPP;            // positions per thread per tile
   static constexpr int TILE = PPP * RPT;                          // positions per tile
-  static_assert(TPP <= 32 && 32 % TPP == 0 && EPT <= 8, "tiling");
+  static_assert(TPP <= 32 && 32 % TPP == 0 && EPT <= 8 && GMAX <= kWarps, "tiling");
   // shared memory (floats): q, then a union of {scores x2 buffers, per-warp acc, merge weights}, then stats
-  static constexpr int U_SCORES = 2 * kMaxG * TILE;
-  static constexpr int U_RED = kWarps * kMaxG * HD_MAX;
-  static constexpr int U_MERGE = kMaxG * kMaxSplits;
+  static constexpr int U_SCORES = 2 * GMAX * TILE;
+  static constexpr int U_RED = kWarps * GMAX * HD_MAX;
+  static constexpr int U_MERGE = GMAX * kMaxSplits;
   static constexpr int U = U_SCORES > U_RED ? (U_SCORES > U_MERGE ? U_SCORES : U_MERGE)
                                             : (U_RED > U_MERGE ? U_RED : U_MERGE);
-  static constexpr int SMEM = kMaxG * HD_MAX + U + 3 * kMaxG;
+  static constexpr int SMEM = GMAX * HD_MAX + U + 3 * GMAX;
 };
 
 template <typename R>
@@ -111,6 +114,14 @@ __device__ __forceinline__ R load_row(const C* __restrict__ p) {
   }
 }
 
+// Dimension d of a head x rotated by RoPE at the position whose cos/sin rows are c/s: exactly
+// dec::rope_append_head's operations (two products then a sum, no FMA contraction), so the fused path stores
+// and attends with the values rope_append_batch would have written.
+__device__ __forceinline__ float rope_dim(const float* x, int d, int half, const float* c, const float* s) {
+  if (d < half) return __fadd_rn(__fmul_rn(x[d], c[d]), __fmul_rn(-x[d + half], s[d]));
+  return __fadd_rn(__fmul_rn(x[d], c[d - half]), __fmul_rn(x[d - half], s[d - half]));
+}
+
 // Number of splits and positions per split of a sequence of len positions (len >= 1). Only len and the
 // fixed parameters enter: batch invariance depends on it.
 __device__ __forceinline__ void split_plan(int len, int max_splits, int min_chunk, int& nsplit, int& chunk) {
@@ -119,13 +130,19 @@ __device__ __forceinline__ void split_plan(int len, int max_splits, int min_chun
   nsplit = (len + chunk - 1) / chunk;  // drop splits that the rounding left empty
 }
 
-template <typename C, int HD_MAX, bool VEC>
-__global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
-    const float* __restrict__ qkv, int stride, int nq, int nkv, int hd, const C* __restrict__ kc,
-    const C* __restrict__ vc, int num_slots, int max_len, const int32_t* __restrict__ positions,
-    const int32_t* __restrict__ slots, float* __restrict__ out, float* ws, int* counters, int max_splits,
+// The K and V registers of one tile (RPT positions x CPT loads per thread).
+template <typename R, int RPT, int CPT>
+struct KVFrag {
+  R k[RPT][CPT], v[RPT][CPT];
+};
+
+template <typename C, int HD_MAX, bool VEC, int GMAX>
+__global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 1 : 2) attention_decode_kernel(
+    const float* __restrict__ qkv, int stride, int nq, int nkv, int hd, C* kc, C* vc, int num_slots, int max_len,
+    const int32_t* __restrict__ positions, const int32_t* __restrict__ slots, const float* __restrict__ cos_t,
+    const float* __restrict__ sin_t, float* __restrict__ out, float* ws, int* counters, int max_splits,
     int min_chunk, float scale) {
-  using T = Tiling<C, HD_MAX, VEC>;
+  using T = Tiling<C, HD_MAX, VEC, GMAX>;
   using R = typename T::R;
   constexpr int VW = T::VW, TPP = T::TPP, CPT = T::CPT, EPT = T::EPT, PPP = T::PPP, RPT = T::RPT;
   constexpr int TILE = T::TILE;
@@ -134,7 +151,9 @@ __global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int pp = tid / TPP, cl = tid % TPP;
   float* orow = out + (size_t)b * nq * hd + (size_t)kv * G * hd;
-  pdl::launch_dependents();  // the next kernel may start its prologue
+  // No early pdl::launch_dependents(): up to max_splits x nkv CTAs of this grid sit resident from launch,
+  // and the next kernel (a projection) is triggered after the tile loop below, so its CTAs do not crowd
+  // the SMs while this grid still waits for the previous one (CTAs that exit early trigger it implicitly).
   pdl::wait();  // every input below may come from the previous kernel (pdl.cuh)
 
   const int pos = positions[b], slot = slots[b];
@@ -151,122 +170,165 @@ __global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
   const int p0 = split * chunk, p1 = min(len, p0 + chunk);
 
   __shared__ __align__(16) float smem[T::SMEM];
-  float* q_s = smem;                       // [kMaxG][HD_MAX], zero-padded past hd
-  float* u = q_s + kMaxG * HD_MAX;         // union
-  float* s_sm = u;                         // [2][kMaxG][TILE] scores, then probabilities
-  float* red = u;                          // [kWarps][kMaxG][HD_MAX] after the tile loop
-  float* c_sm = u;                         // [kMaxG][kMaxSplits] merge weights
-  float* corr_sm = u + T::U;               // [kMaxG]
-  float* m_fin = corr_sm + kMaxG;          // [kMaxG]
-  float* l_fin = m_fin + kMaxG;            // [kMaxG]
+  float* q_s = smem;                       // [GMAX][HD_MAX], zero-padded past hd and past G
+  float* u = q_s + GMAX * HD_MAX;          // union
+  float* s_sm = u;                         // [2][GMAX][TILE] scores, then probabilities
+  float* red = u;                          // [kWarps][GMAX][HD_MAX] after the tile loop
+  float* c_sm = u;                         // [GMAX][kMaxSplits] merge weights
+  float* corr_sm = u + T::U;               // [GMAX]
+  float* m_fin = corr_sm + GMAX;           // [GMAX]
+  float* l_fin = m_fin + GMAX;             // [GMAX]
 
   const size_t head_off = ((size_t)slot * nkv + kv) * max_len * hd;
-  const C* kb = kc + head_off;
-  const C* vb = vc + head_off;
-  R kr[RPT][CPT], vr[RPT][CPT];
-  auto load_tile = [&](int t0) {
+  C* kb = kc + head_off;
+  C* vb = vc + head_off;
+  // Fused RoPE + append (cos_t != nullptr): q is rotated while it is staged, and the CTA whose chunk holds
+  // position pos rotates the new k, rounds k and v to the cache type, stores them in the cache and in shared
+  // memory, and patches them into its tile registers instead of reading the row back (the row's loads are
+  // skipped). Rows past the cache are neither rotated nor stored, as in rope_append_batch.
+  const bool rot = cos_t != nullptr && pos < max_len;
+  const bool own_new = rot && p0 <= pos && pos < p1;
+  const int half = hd / 2;
+  const float* row = qkv + (size_t)b * stride;
+  const float* crow = rot ? cos_t + (size_t)pos * half : nullptr;
+  const float* srow = rot ? sin_t + (size_t)pos * half : nullptr;
+  __shared__ __align__(16) C new_kv[2][HD_MAX];
+  auto load_tile = [&](KVFrag<R, RPT, CPT>& f, int t0) {
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       const int p = t0 + r * PPP + pp;
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int d0 = (cl + j * TPP) * VW;
-        const bool ok = p < p1 && d0 < hd;
-        kr[r][j] = ok ? load_row<C, VEC, R>(kb + (size_t)p * hd + d0) : zero_load<R>();
-        vr[r][j] = ok ? load_row<C, VEC, R>(vb + (size_t)p * hd + d0) : zero_load<R>();
+        const bool ok = p < p1 && d0 < hd && !(own_new && p == pos);
+        f.k[r][j] = ok ? load_row<C, VEC, R>(kb + (size_t)p * hd + d0) : zero_load<R>();
+        f.v[r][j] = ok ? load_row<C, VEC, R>(vb + (size_t)p * hd + d0) : zero_load<R>();
       }
     }
   };
-  load_tile(p0);  // in flight while q is staged
-
-  const float* qrow = qkv + (size_t)b * stride + (size_t)kv * G * hd;
-  for (int i = tid; i < G * HD_MAX; i += kThreads) {
-    const int g = i / HD_MAX, d = i % HD_MAX;
-    q_s[i] = d < hd ? qrow[(size_t)g * hd + d] : 0.f;
+  // After new_kv is written and a barrier: the new token's registers of a tile that holds it.
+  auto patch_tile = [&](KVFrag<R, RPT, CPT>& f, int t0) {
+    if (!own_new || pos < t0 || pos >= t0 + TILE) return;
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      if (t0 + r * PPP + pp != pos) continue;
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int d0 = (cl + j * TPP) * VW;
+        if (d0 < hd) {
+          f.k[r][j] = *reinterpret_cast<const R*>(&new_kv[0][d0]);
+          f.v[r][j] = *reinterpret_cast<const R*>(&new_kv[1][d0]);
+        }
+      }
+    }
+  };
+  KVFrag<R, RPT, CPT> cur, nxt;
+  load_tile(cur, p0);  // in flight while q is staged
+  if (own_new) {
+    const float* kx = row + (size_t)(nq + kv) * hd;
+    const float* vx = row + (size_t)(nq + nkv + kv) * hd;
+    for (int d = tid; d < hd; d += kThreads) {
+      const C kq = dec::from_f<C>(rope_dim(kx, d, half, crow, srow)), vq = dec::from_f<C>(vx[d]);
+      new_kv[0][d] = kq;
+      new_kv[1][d] = vq;
+      kb[(size_t)pos * hd + d] = kq;
+      vb[(size_t)pos * hd + d] = vq;
+    }
   }
 
-  float acc[kMaxG][EPT];
+  const float* qrow = row + (size_t)kv * G * hd;
+  for (int i = tid; i < GMAX * HD_MAX; i += kThreads) {
+    const int g = i / HD_MAX, d = i % HD_MAX;
+    float q = 0.f;
+    if (g < G && d < hd) q = rot ? rope_dim(qrow + (size_t)g * hd, d, half, crow, srow) : qrow[(size_t)g * hd + d];
+    q_s[i] = q;
+  }
+
+  float acc[GMAX][EPT];
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
+  for (int g = 0; g < GMAX; ++g) {
 #pragma unroll
     for (int e = 0; e < EPT; ++e) acc[g][e] = 0.f;
   }
-  // Running max / sum of head g = warp + kWarps * i, held by that warp.
-  float m_run[kMaxG / kWarps], l_run[kMaxG / kWarps];
-#pragma unroll
-  for (int i = 0; i < kMaxG / kWarps; ++i) {
-    m_run[i] = -INFINITY;
-    l_run[i] = 0.f;
-  }
-  __syncthreads();
+  // Running max / sum of head g = warp, held by that warp (GMAX <= kWarps).
+  float m_run = -INFINITY, l_run = 0.f;
+  __syncthreads();  // q_s and new_kv are complete
+  patch_tile(cur, p0);
 
   int buf = 0;
   for (int t0 = p0; t0 < p1; t0 += TILE, buf ^= 1) {
-    if (t0 != p0) load_tile(t0);
-    float* sc = s_sm + buf * kMaxG * TILE;
+    // The next tile's loads go out before this tile's math: a CTA with a long chunk streams its K/V with one
+    // tile in flight behind the one it computes on.
+    if (t0 + TILE < p1) {
+      load_tile(nxt, t0 + TILE);
+      patch_tile(nxt, t0 + TILE);
+    }
+    float* sc = s_sm + buf * GMAX * TILE;
     // 1. scores of the tile: partial dot over this thread's dims, then over the TPP lanes of the position
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       float kf[EPT];
 #pragma unroll
-      for (int j = 0; j < CPT; ++j) unpack<C, VEC>(kr[r][j], kf + j * VW);
+      for (int j = 0; j < CPT; ++j) unpack<C, VEC>(cur.k[r][j], kf + j * VW);
       const bool valid = t0 + r * PPP + pp < p1;
+      float s[GMAX];
 #pragma unroll
-      for (int g = 0; g < kMaxG; ++g) {
-        if (g < G) {
-          float s = 0.f;
+      for (int g = 0; g < GMAX; ++g) {
+        s[g] = 0.f;
 #pragma unroll
-          for (int j = 0; j < CPT; ++j) {
-            const float* qg = q_s + g * HD_MAX + (cl + j * TPP) * VW;
-            if constexpr (VW % 4 == 0) {  // 16-byte shared loads (aligned: VW and HD_MAX are multiples of 4)
+        for (int j = 0; j < CPT; ++j) {
+          const float* qg = q_s + g * HD_MAX + (cl + j * TPP) * VW;
+          if constexpr (VW % 4 == 0) {  // 16-byte shared loads (aligned: VW and HD_MAX are multiples of 4)
 #pragma unroll
-              for (int v = 0; v < VW; v += 4) {
-                const float4 q4 = *reinterpret_cast<const float4*>(qg + v);
-                s += q4.x * kf[j * VW + v];
-                s += q4.y * kf[j * VW + v + 1];
-                s += q4.z * kf[j * VW + v + 2];
-                s += q4.w * kf[j * VW + v + 3];
-              }
-            } else {
-#pragma unroll
-              for (int v = 0; v < VW; ++v) s += qg[v] * kf[j * VW + v];
+            for (int v = 0; v < VW; v += 4) {
+              const float4 q4 = *reinterpret_cast<const float4*>(qg + v);
+              s[g] += q4.x * kf[j * VW + v];
+              s[g] += q4.y * kf[j * VW + v + 1];
+              s[g] += q4.z * kf[j * VW + v + 2];
+              s[g] += q4.w * kf[j * VW + v + 3];
             }
-          }
+          } else {
 #pragma unroll
-          for (int o = TPP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-          if (cl == 0) sc[g * TILE + r * PPP + pp] = valid ? s * scale : -INFINITY;
+            for (int v = 0; v < VW; ++v) s[g] += qg[v] * kf[j * VW + v];
+          }
         }
+      }
+      // the GMAX shuffle trees are independent: their latencies overlap
+#pragma unroll
+      for (int o = TPP / 2; o > 0; o >>= 1) {
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], o);
+      }
+      if (cl == 0) {
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g) sc[g * TILE + r * PPP + pp] = valid ? s[g] * scale : -INFINITY;
       }
     }
     __syncthreads();
     // 2. block softmax of the tile, one warp per head: new running max, rescale factor, probabilities
-#pragma unroll
-    for (int i = 0; i < kMaxG / kWarps; ++i) {
-      const int g = warp + kWarps * i;
-      if (g < G) {
-        float* sg = sc + g * TILE;
-        float tmax = -INFINITY;
-        for (int k = lane; k < TILE; k += 32) tmax = fmaxf(tmax, sg[k]);
-        tmax = dec::warp_max(tmax);
-        const float m_new = fmaxf(m_run[i], tmax);  // finite: a tile holds >= 1 valid position
-        const float corr = expf(m_run[i] - m_new);  // first tile: exp(-inf) = 0
-        float psum = 0.f;
-        for (int k = lane; k < TILE; k += 32) {
-          const float pe = expf(sg[k] - m_new);
-          sg[k] = pe;
-          psum += pe;
-        }
-        psum = dec::warp_sum(psum);
-        l_run[i] = l_run[i] * corr + psum;
-        m_run[i] = m_new;
-        if (lane == 0) corr_sm[g] = corr;
+    if (warp < G) {
+      float* sg = sc + warp * TILE;
+      float tmax = -INFINITY;
+      for (int k = lane; k < TILE; k += 32) tmax = fmaxf(tmax, sg[k]);
+      tmax = dec::warp_max(tmax);
+      const float m_new = fmaxf(m_run, tmax);  // finite: a tile holds >= 1 valid position
+      const float corr = expf(m_run - m_new);  // first tile: exp(-inf) = 0
+      float psum = 0.f;
+      for (int k = lane; k < TILE; k += 32) {
+        const float pe = expf(sg[k] - m_new);
+        sg[k] = pe;
+        psum += pe;
       }
+      psum = dec::warp_sum(psum);
+      l_run = l_run * corr + psum;
+      m_run = m_new;
+      if (lane == 0) corr_sm[warp] = corr;
     }
     __syncthreads();
     // 3. acc = acc * corr + P.V over this thread's positions and dims (scores: double-buffered, so the
     //    next tile's scores never overwrite probabilities another thread still reads)
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
+    for (int g = 0; g < GMAX; ++g) {
       if (g < G) {
         const float c = corr_sm[g];
 #pragma unroll
@@ -277,9 +339,9 @@ __global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
     for (int r = 0; r < RPT; ++r) {
       float vf[EPT];
 #pragma unroll
-      for (int j = 0; j < CPT; ++j) unpack<C, VEC>(vr[r][j], vf + j * VW);
+      for (int j = 0; j < CPT; ++j) unpack<C, VEC>(cur.v[r][j], vf + j * VW);
 #pragma unroll
-      for (int g = 0; g < kMaxG; ++g) {
+      for (int g = 0; g < GMAX; ++g) {
         if (g < G) {
           const float pr = sc[g * TILE + r * PPP + pp];
 #pragma unroll
@@ -287,29 +349,27 @@ __global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
         }
       }
     }
+    cur = nxt;  // waits for the next tile's loads only now (unused after the last tile)
   }
 
+  pdl::launch_dependents();  // only the reduction and the merge are left: the next kernel may start
   // Reduce acc over the positions groups: xor shuffles inside the warp, then the warps through smem.
   __syncthreads();  // red aliases the score buffers
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
+  for (int g = 0; g < GMAX; ++g) {
     if (g < G) {
 #pragma unroll
       for (int e = 0; e < EPT; ++e) {
         float a = acc[g][e];
 #pragma unroll
         for (int o = TPP; o < 32; o <<= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-        if (lane < TPP) red[(warp * kMaxG + g) * HD_MAX + (cl + (e / VW) * TPP) * VW + e % VW] = a;
+        if (lane < TPP) red[(warp * GMAX + g) * HD_MAX + (cl + (e / VW) * TPP) * VW + e % VW] = a;
       }
     }
   }
-#pragma unroll
-  for (int i = 0; i < kMaxG / kWarps; ++i) {
-    const int g = warp + kWarps * i;
-    if (g < G && lane == 0) {
-      m_fin[g] = m_run[i];
-      l_fin[g] = l_run[i];
-    }
+  if (warp < G && lane == 0) {
+    m_fin[warp] = m_run;
+    l_fin[warp] = l_run;
   }
   __syncthreads();
 
@@ -322,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
     const int g = i / hd4, d = i % hd4;
     float a = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) a += red[(w * kMaxG + g) * HD_MAX + d];
+    for (int w = 0; w < kWarps; ++w) a += red[(w * GMAX + g) * HD_MAX + d];
     if (nsplit == 1) {
       if (d < hd) orow[g * hd + d] = a / l_fin[g];
     } else {
@@ -345,36 +405,32 @@ __global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
   __syncthreads();
   if (!is_last) return;
   __threadfence();
+  if (warp < G) {
+    const float* base = wsb + (size_t)warp * max_splits * part;
+    constexpr int kPerLane = kMaxSplits / 32;
+    float ms[kPerLane], ls[kPerLane];  // one round of L2 loads for all (max, sum) pairs
 #pragma unroll
-  for (int i = 0; i < kMaxG / kWarps; ++i) {
-    const int g = warp + kWarps * i;
-    if (g < G) {
-      const float* base = wsb + (size_t)g * max_splits * part;
-      constexpr int kPerLane = kMaxSplits / 32;
-      float ms[kPerLane], ls[kPerLane];  // one round of L2 loads for all (max, sum) pairs
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) {
-        const int s = lane + 32 * k;
-        ms[k] = s < nsplit ? __ldcg(base + s * part) : -INFINITY;
-        ls[k] = s < nsplit ? __ldcg(base + s * part + 1) : 0.f;
-      }
-      float M = ms[0];
-#pragma unroll
-      for (int k = 1; k < kPerLane; ++k) M = fmaxf(M, ms[k]);
-      M = dec::warp_max(M);
-      float L = 0.f;
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) {
-        const int s = lane + 32 * k;
-        if (s < nsplit) {
-          const float c = expf(ms[k] - M);
-          c_sm[g * kMaxSplits + s] = c;
-          L += c * ls[k];
-        }
-      }
-      L = dec::warp_sum(L);
-      if (lane == 0) l_fin[g] = L;
+    for (int k = 0; k < kPerLane; ++k) {
+      const int s = lane + 32 * k;
+      ms[k] = s < nsplit ? __ldcg(base + s * part) : -INFINITY;
+      ls[k] = s < nsplit ? __ldcg(base + s * part + 1) : 0.f;
     }
+    float M = ms[0];
+#pragma unroll
+    for (int k = 1; k < kPerLane; ++k) M = fmaxf(M, ms[k]);
+    M = dec::warp_max(M);
+    float L = 0.f;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int s = lane + 32 * k;
+      if (s < nsplit) {
+        const float c = expf(ms[k] - M);
+        c_sm[warp * kMaxSplits + s] = c;
+        L += c * ls[k];
+      }
+    }
+    L = dec::warp_sum(L);
+    if (lane == 0) l_fin[warp] = L;
   }
   __syncthreads();
   // One thread per 4 dims of a head; the loop is unrolled so many 16-byte L2 loads are in flight at once
@@ -405,46 +461,52 @@ __global__ void __launch_bounds__(kThreads, 3) attention_decode_kernel(
   if (tid == 0) *counter = 0;
 }
 
-template <typename C, int HD_MAX, bool VEC>
-void launch_attention(const float* qkv, int stride, int B, int nq, int nkv, int hd, const void* kc,
-                      const void* vc, int num_slots, int max_len, const int32_t* positions, const int32_t* slots,
-                      float* out, float* ws, int* counters, int max_splits, int min_chunk, cudaStream_t stream) {
-  dim3 grid(max_splits, nkv, B);
-  QS_CUDA_CHECK(pdl::launch(attention_decode_kernel<C, HD_MAX, VEC>, grid, dim3(kThreads), 0, stream,
-      qkv, stride, nq, nkv, hd, (const C*)kc, (const C*)vc, num_slots, max_len, positions, slots, out, ws,
-      counters, max_splits, min_chunk, 1.0f / sqrtf((float)hd)));
+// The launch arguments every dispatch level passes through unchanged.
+struct DecodeArgs {
+  const float* qkv;
+  int stride, B, nq, nkv, hd;
+  void *kc, *vc;
+  int num_slots, max_len;
+  const int32_t *positions, *slots;
+  const float *cos_t, *sin_t;
+  float* out;
+  float* ws;
+  int* counters;
+  int max_splits, min_chunk;
+  cudaStream_t stream;
+};
+
+template <typename C, int HD_MAX, bool VEC, int GMAX>
+void launch_attention(const DecodeArgs& a) {
+  dim3 grid(a.max_splits, a.nkv, a.B);
+  QS_CUDA_CHECK(pdl::launch(attention_decode_kernel<C, HD_MAX, VEC, GMAX>, grid, dim3(kThreads), 0, a.stream,
+      a.qkv, a.stride, a.nq, a.nkv, a.hd, (C*)a.kc, (C*)a.vc, a.num_slots, a.max_len, a.positions, a.slots,
+      a.cos_t, a.sin_t, a.out, a.ws, a.counters, a.max_splits, a.min_chunk, 1.0f / sqrtf((float)a.hd)));
   QS_LAUNCH_CHECK("attention_decode_kernel");
 }
 
+template <typename C, int HD_MAX, bool VEC>
+void dispatch_g(const DecodeArgs& a) {
+  const int G = a.nq / a.nkv;
+  if (G <= 1) launch_attention<C, HD_MAX, VEC, 1>(a);
+  else if (G <= 2) launch_attention<C, HD_MAX, VEC, 2>(a);
+  else if (G <= 4) launch_attention<C, HD_MAX, VEC, 4>(a);
+  else launch_attention<C, HD_MAX, VEC, 8>(a);
+}
+
 template <typename C, int HD_MAX>
-void dispatch_vec(const float* qkv, int stride, int B, int nq, int nkv, int hd, const void* kc, const void* vc,
-                  int num_slots, int max_len, const int32_t* positions, const int32_t* slots, float* out,
-                  float* ws, int* counters, int max_splits, int min_chunk, cudaStream_t stream) {
-  const bool vec = (hd * sizeof(C)) % 16 == 0 && reinterpret_cast<uintptr_t>(kc) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(vc) % 16 == 0;
-  if (vec) {
-    launch_attention<C, HD_MAX, true>(qkv, stride, B, nq, nkv, hd, kc, vc, num_slots, max_len, positions, slots,
-                                      out, ws, counters, max_splits, min_chunk, stream);
-  } else {
-    launch_attention<C, HD_MAX, false>(qkv, stride, B, nq, nkv, hd, kc, vc, num_slots, max_len, positions, slots,
-                                       out, ws, counters, max_splits, min_chunk, stream);
-  }
+void dispatch_vec(const DecodeArgs& a) {
+  const bool vec = (a.hd * sizeof(C)) % 16 == 0 && reinterpret_cast<uintptr_t>(a.kc) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(a.vc) % 16 == 0;
+  if (vec) dispatch_g<C, HD_MAX, true>(a);
+  else dispatch_g<C, HD_MAX, false>(a);
 }
 
 template <typename C>
-void dispatch_hd(const float* qkv, int stride, int B, int nq, int nkv, int hd, const void* kc, const void* vc,
-                 int num_slots, int max_len, const int32_t* positions, const int32_t* slots, float* out, float* ws,
-                 int* counters, int max_splits, int min_chunk, cudaStream_t stream) {
-  if (hd <= 32) {
-    dispatch_vec<C, 32>(qkv, stride, B, nq, nkv, hd, kc, vc, num_slots, max_len, positions, slots, out, ws,
-                        counters, max_splits, min_chunk, stream);
-  } else if (hd <= 64) {
-    dispatch_vec<C, 64>(qkv, stride, B, nq, nkv, hd, kc, vc, num_slots, max_len, positions, slots, out, ws,
-                        counters, max_splits, min_chunk, stream);
-  } else {
-    dispatch_vec<C, 128>(qkv, stride, B, nq, nkv, hd, kc, vc, num_slots, max_len, positions, slots, out, ws,
-                         counters, max_splits, min_chunk, stream);
-  }
+void dispatch_hd(const DecodeArgs& a) {
+  if (a.hd <= 32) dispatch_vec<C, 32>(a);
+  else if (a.hd <= 64) dispatch_vec<C, 64>(a);
+  else dispatch_vec<C, 128>(a);
 }
 
 template <typename C>
@@ -500,26 +562,30 @@ void rope_append_batch(float* qkv, int stride, int B, int nq, int nkv, int hd, c
   QS_LAUNCH_CHECK("rope_append_batch_kernel");
 }
 
-void attention_decode(const float* qkv, int stride, int B, int nq, int nkv, int hd, const void* kcache,
-                      const void* vcache, int cache_dtype, int num_slots, int max_len, const int32_t* positions,
-                      const int32_t* slots, float* out, float* ws, int* counters, int max_splits, int min_chunk,
-                      cudaStream_t stream) {
+void attention_decode(const float* qkv, int stride, int B, int nq, int nkv, int hd, void* kcache, void* vcache,
+                      int cache_dtype, int num_slots, int max_len, const int32_t* positions, const int32_t* slots,
+                      const float* cos_t, const float* sin_t, float* out, float* ws, int* counters, int max_splits,
+                      int min_chunk, cudaStream_t stream) {
   check_shape("attention_decode", B, stride, nq, nkv, hd, num_slots, max_len);
   if (max_splits < 1 || max_splits > kMaxSplits) {
     throw std::invalid_argument("attention_decode: max_splits must be in [1, 128]");
   }
   if (min_chunk < 1) throw std::invalid_argument("attention_decode: min_chunk must be >= 1");
+  if ((cos_t == nullptr) != (sin_t == nullptr)) {
+    throw std::invalid_argument("attention_decode: fused RoPE needs both the cos and the sin table");
+  }
+  if (cos_t != nullptr && hd % 2) throw std::invalid_argument("attention_decode: RoPE needs an even head_dim");
   if (B == 0) return;
   if (B > 65535) throw std::invalid_argument("attention_decode: at most 65535 rows");
   if (ws == nullptr || counters == nullptr || reinterpret_cast<uintptr_t>(ws) % 16) {
     throw std::invalid_argument("attention_decode: needs a 16-byte aligned workspace and counters");
   }
+  const DecodeArgs a{qkv, stride, B, nq, nkv, hd, kcache, vcache, num_slots, max_len, positions, slots,
+                     cos_t, sin_t, out, ws, counters, max_splits, min_chunk, stream};
   if (cache_dtype == kDBF16) {
-    dispatch_hd<__nv_bfloat16>(qkv, stride, B, nq, nkv, hd, kcache, vcache, num_slots, max_len, positions, slots,
-                               out, ws, counters, max_splits, min_chunk, stream);
+    dispatch_hd<__nv_bfloat16>(a);
   } else if (cache_dtype == kDF32) {
-    dispatch_hd<float>(qkv, stride, B, nq, nkv, hd, kcache, vcache, num_slots, max_len, positions, slots, out, ws,
-                       counters, max_splits, min_chunk, stream);
+    dispatch_hd<float>(a);
   } else {
     throw std::invalid_argument("attention_decode: KV cache must be float32 or bfloat16");
   }

@@ -45,10 +45,13 @@ void rope_append_batch(float* qkv, int stride, int B, int nq, int nkv, int hd, c
 // to arrive. ws: B*nq*max_splits*(roundup(hd, 4) + 4) floats (16-byte aligned); counters: B*nkv ints,
 // zero on entry, left zero on exit.
 // A row with a negative position or a slot outside [0, num_slots) gets NaN output.
-void attention_decode(const float* qkv, int stride, int B, int nq, int nkv, int hd, const void* kcache,
-                      const void* vcache, int cache_dtype, int num_slots, int max_len, const int32_t* positions,
-                      const int32_t* slots, float* out, float* ws, int* counters, int max_splits, int min_chunk,
-                      cudaStream_t stream);
+// cos_t/sin_t [>= max_len, hd/2] (both or neither): fuse rope_append_batch in (q rotated on the fly, qkv
+// left as it is; the rotated k and v stored at the row's position and attended with). Bit-identical to
+// rope_append_batch followed by the unfused call.
+void attention_decode(const float* qkv, int stride, int B, int nq, int nkv, int hd, void* kcache, void* vcache,
+                      int cache_dtype, int num_slots, int max_len, const int32_t* positions, const int32_t* slots,
+                      const float* cos_t, const float* sin_t, float* out, float* ws, int* counters, int max_splits,
+                      int min_chunk, cudaStream_t stream);
 
 // logits[t, v] = sum_h xn[t, h] * W[v, h], with xn = RMSNorm(x) * norm_w when norm_w != nullptr, else x.
 // W [V, H] bf16/fp16/fp32; fp32 accumulation. Up to 16 rows share one pass over W (batched decode); a

@@ -109,8 +109,13 @@ def attention(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: torch.Tens
 
 # Split plan of attention_decode: a row of len positions uses min(max_splits, ceil(len / min_chunk)) blocks
 # per kv head. DEFAULT_MAX_SPLITS caps the merge (the last block reads every split's record).
-DEFAULT_MIN_CHUNK = 64
-DEFAULT_MAX_SPLITS = 64
+# One sequence (GpuModel) is latency-bound: chunks of one kernel tile (32 positions at hd 128), so a short
+# context costs each CTA exactly one tile. Many rows (the batched runner) are bound by the total work: chunks
+# of 64 halve the CTAs and split records per row (at B = 16, 1k context: 48 us with 64, 67 us with 32).
+DEFAULT_MIN_CHUNK = 32
+BATCHED_MIN_CHUNK = 64
+# 48 splits x 5 kv heads (2B4T) = 240 CTAs: one wave at 2 CTAs per SM on 132 SMs (64 would need two).
+DEFAULT_MAX_SPLITS = 48
 MAX_SPLITS_LIMIT = 128  # the kernel's bound
 
 
@@ -193,6 +198,18 @@ def _check_rows(qkv: torch.Tensor, nq: int, nkv: int, hd: int, positions: torch.
     return b
 
 
+def _check_rope_tables(cos_t: torch.Tensor, sin_t: torch.Tensor, max_len: int, hd: int,
+                       device: torch.device) -> None:
+    if hd % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {hd}")
+    for name, tab in (("cos_t", cos_t), ("sin_t", sin_t)):
+        _check(tab, name, (torch.float32,), 2)
+        if tab.shape[0] < max_len or tab.shape[1] != hd // 2:
+            raise ValueError(f"{name} must be [>= {max_len}, {hd // 2}], got {tuple(tab.shape)}")
+        if tab.device != device:
+            raise ValueError(f"{name} is on {tab.device}, qkv on {device}")
+
+
 def rope_append_batch(qkv: torch.Tensor, nq: int, nkv: int, hd: int, cos_t: torch.Tensor, sin_t: torch.Tensor,
                       positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slots: torch.Tensor) -> None:
@@ -203,14 +220,7 @@ def rope_append_batch(qkv: torch.Tensor, nq: int, nkv: int, hd: int, cos_t: torc
     skipped."""
     num_slots, max_len = _check_slot_cache(k_cache, v_cache, nkv, hd)
     b = _check_rows(qkv, nq, nkv, hd, positions, slots, k_cache)
-    if hd % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {hd}")
-    for name, tab in (("cos_t", cos_t), ("sin_t", sin_t)):
-        _check(tab, name, (torch.float32,), 2)
-        if tab.shape[0] < max_len or tab.shape[1] != hd // 2:
-            raise ValueError(f"{name} must be [>= {max_len}, {hd // 2}], got {tuple(tab.shape)}")
-        if tab.device != qkv.device:
-            raise ValueError(f"{name} is on {tab.device}, qkv on {qkv.device}")
+    _check_rope_tables(cos_t, sin_t, max_len, hd, qkv.device)
     ext().rope_append_batch(qkv.data_ptr(), qkv.shape[1], b, nq, nkv, hd, cos_t.data_ptr(), sin_t.data_ptr(),
                             positions.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                             DTYPE_CODE[k_cache.dtype], num_slots, max_len, _stream())
@@ -218,14 +228,24 @@ def rope_append_batch(qkv: torch.Tensor, nq: int, nkv: int, hd: int, cos_t: torc
 
 def attention_decode(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      positions: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None,
-                     workspace: AttentionWorkspace) -> torch.Tensor:
+                     workspace: AttentionWorkspace,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Batched decode attention: row b's query heads (rotated q at the start of qkv row b) attend over
     positions [0, positions[b]] of cache slot slots[b] (inclusive: the token was just appended). Caches
     [S, nkv, max_len, hd] (or [nkv, max_len, hd]) fp32/bf16. Returns fp32 out [B, nq*hd]. A row whose
     position is negative or whose slot is out of range gets NaN (device values are not checked here);
-    positions past the cache are clamped to max_len - 1."""
+    positions past the cache are clamped to max_len - 1.
+
+    rope=(cos_t, sin_t) fuses rope_append_batch in: qkv holds the raw q|k|v (left unchanged), q is rotated
+    on the fly, and the rotated k and v are written at positions[b] and attended with, bit-identically to
+    rope_append_batch followed by the unfused call (one kernel launch instead of two per layer)."""
     num_slots, max_len = _check_slot_cache(k_cache, v_cache, nkv, hd)
     b = _check_rows(qkv, nq, nkv, hd, positions, slots, k_cache)
+    cos_ptr = sin_ptr = 0
+    if rope is not None:
+        cos_t, sin_t = rope
+        _check_rope_tables(cos_t, sin_t, max_len, hd, qkv.device)
+        cos_ptr, sin_ptr = cos_t.data_ptr(), sin_t.data_ptr()
     if not isinstance(workspace, AttentionWorkspace):
         raise TypeError(f"workspace must be an AttentionWorkspace, got {type(workspace).__name__}")
     ws = workspace
@@ -249,7 +269,8 @@ def attention_decode(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: tor
         raise ValueError(f"out must be [{b}, {nq * hd}] on {qkv.device}, got {tuple(out.shape)} on {out.device}")
     ext().attention_decode(qkv.data_ptr(), qkv.shape[1], b, nq, nkv, hd, k_cache.data_ptr(), v_cache.data_ptr(),
                            DTYPE_CODE[k_cache.dtype], num_slots, max_len, positions.data_ptr(), slots.data_ptr(),
-                           out.data_ptr(), ws.partials.data_ptr(), ws.counters.data_ptr(), ws.max_splits,
+                           cos_ptr, sin_ptr, out.data_ptr(), ws.partials.data_ptr(), ws.counters.data_ptr(),
+                           ws.max_splits,
                            ws.min_chunk, _stream())
     return out
 

@@ -4,8 +4,8 @@ captured in one CUDA graph.
 Decode step (one token, all through our kernels; position, token and RNG step live in device buffers so
 the captured graph replays step after step without any host work per layer):
   embedding -> per layer:
-    ternary_linear(qkv, fused input RMSNorm) -> RoPE + KV append -> attention (batched split-K decode
-    kernel with B = 1, slot 0; prefill uses the causal kernel)
+    ternary_linear(qkv, fused input RMSNorm) -> attention with RoPE + KV append fused in (batched split-K
+    decode kernel with B = 1, slot 0; prefill uses rope_append and the causal kernel)
     -> ternary_linear(o, fused attn sub-norm, + residual)
     -> ternary_linear(gate_up, fused post-attention RMSNorm, GLU)
     -> ternary_linear(down, fused FFN sub-norm, + residual)
@@ -18,6 +18,7 @@ model already applies. fp32 is available (kv_dtype=torch.float32) for exact comp
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
@@ -30,6 +31,10 @@ from .reference import rope_cos_sin
 from .sampling import SamplingSettings
 
 __all__ = ["GpuModel", "group_geometry"]
+
+# Lab switch (like QSPARSE_PDL): QSPARSE_FUSED_ROPE=0 runs RoPE + KV append as its own kernel before the
+# decode attention, to measure the fusion. Both paths are bit-identical (tests/test_attention_gpu.py).
+FUSED_ROPE = os.environ.get("QSPARSE_FUSED_ROPE", "1") != "0"
 
 
 def _fmt_gib(n: float) -> str:
@@ -154,8 +159,12 @@ class GpuModel:
         def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
             kc, vc = self.k_cache[i], self.v_cache[i]
             if decode:
-                dk.rope_append_batch(qkv, nq, nkv, hd, self.cos_t, self.sin_t, self.pos, kc, vc, self.slot0)
-                dk.attention_decode(qkv, nq, nkv, hd, kc, vc, self.pos, self.slot0, attn, self.attn_ws)
+                if FUSED_ROPE:
+                    dk.attention_decode(qkv, nq, nkv, hd, kc, vc, self.pos, self.slot0, attn, self.attn_ws,
+                                        rope=(self.cos_t, self.sin_t))  # RoPE + KV append fused in
+                else:
+                    dk.rope_append_batch(qkv, nq, nkv, hd, self.cos_t, self.sin_t, self.pos, kc, vc, self.slot0)
+                    dk.attention_decode(qkv, nq, nkv, hd, kc, vc, self.pos, self.slot0, attn, self.attn_ws)
             else:
                 dk.rope_append(qkv, nq, nkv, hd, self.cos_t, self.sin_t, self.pos, kc, vc)
                 dk.attention(qkv, nq, nkv, hd, kc, vc, self.pos, out=attn)

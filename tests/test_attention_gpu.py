@@ -270,3 +270,59 @@ def test_rope_append_batch_skips_out_of_range_rows():
                          kc, vc, torch.tensor([0, 1, 2], dtype=torch.int32, device=DEV))
     assert torch.isnan(kc).all() and torch.isnan(vc).all()
     assert torch.equal(qkv, orig)
+
+
+def _bits(t):
+    """Exact bit pattern (NaN-safe comparisons of caches and outputs)."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("nq,nkv,hd", [(20, 5, 128), (12, 3, 34), (8, 1, 96), (6, 6, 40), (40, 5, 64)])
+@pytest.mark.parametrize("min_chunk,max_splits", [(dk.DEFAULT_MIN_CHUNK, None), (dk.BATCHED_MIN_CHUNK, None),
+                                                  (5000, 1)])
+def test_attention_decode_fused_rope_bit_identical(dtype, nq, nkv, hd, min_chunk, max_splits):
+    """rope=(cos, sin): the same output and the same caches, bit for bit, as rope_append_batch followed by the
+    unfused call; qkv is left raw. Rows: the first position, chunk edges, a long row (with one split the new
+    token sits in a later tile than the first), a position past the cache (neither rotated nor stored), and
+    a bad slot (NaN)."""
+    gen = torch.Generator(device=DEV).manual_seed(18)
+    max_len, num_slots = 700, 9
+    positions = [0, min(min_chunk, 600) - 1, min(min_chunk, 600), 2 * 32, 699, 650, max_len + 3, 40]
+    slots = [8, 0, 3, 5, 1, 7, 2, -1]
+    b = len(positions)
+    kc, vc = _caches(num_slots, nkv, max_len, hd, dtype, gen)
+    for s in range(num_slots):
+        _fill(kc, vc, s, max_len, gen)
+    cos, sin = rope_cos_sin(torch.arange(max_len), hd, 10000.0)
+    cos_t, sin_t = cos[:, :hd // 2].contiguous().to(DEV), sin[:, :hd // 2].contiguous().to(DEV)
+    qkv = torch.randn(b, (nq + 2 * nkv) * hd + 5, generator=gen, device=DEV)
+    pos = torch.tensor(positions, dtype=torch.int32, device=DEV)
+    sl = torch.tensor(slots, dtype=torch.int32, device=DEV)
+    kw = dict(min_chunk=min_chunk, max_splits=max_splits)
+    ws_a = dk.AttentionWorkspace.create(b, nq, nkv, hd, max_len, DEV, **kw)
+    ws_b = dk.AttentionWorkspace.create(b, nq, nkv, hd, max_len, DEV, **kw)
+    qa, ka, va = qkv.clone(), kc.clone(), vc.clone()
+    dk.rope_append_batch(qa, nq, nkv, hd, cos_t, sin_t, pos, ka, va, sl)
+    out_a = dk.attention_decode(qa, nq, nkv, hd, ka, va, pos, sl, None, ws_a)
+    qb, kb, vb = qkv.clone(), kc.clone(), vc.clone()
+    out_b = dk.attention_decode(qb, nq, nkv, hd, kb, vb, pos, sl, None, ws_b, rope=(cos_t, sin_t))
+    assert torch.equal(qb, qkv), "the fused call must leave qkv raw"
+    assert torch.equal(_bits(out_a), _bits(out_b))
+    assert torch.equal(_bits(ka), _bits(kb)) and torch.equal(_bits(va), _bits(vb))
+    assert torch.isnan(out_b[-1]).all() and torch.isfinite(out_b[:-1]).all()
+    assert not torch.equal(_bits(kb), _bits(kc)), "the new tokens were stored"
+    assert int(ws_b.counters.abs().sum()) == 0
+
+
+def test_attention_decode_fused_rope_rejects_bad_tables():
+    nq, nkv, hd, max_len = 8, 2, 64, 100
+    kc = torch.zeros(1, nkv, max_len, hd, device=DEV)
+    qkv = torch.zeros(1, (nq + 2 * nkv) * hd, device=DEV)
+    pos = torch.zeros(1, dtype=torch.int32, device=DEV)
+    ws = dk.AttentionWorkspace.create(1, nq, nkv, hd, max_len, DEV)
+    good = torch.zeros(max_len, hd // 2, device=DEV)
+    with pytest.raises(ValueError, match="cos_t"):
+        dk.attention_decode(qkv, nq, nkv, hd, kc, kc.clone(), pos, pos, None, ws, rope=(good[:50], good))
+    with pytest.raises(ValueError, match="sin_t"):
+        dk.attention_decode(qkv, nq, nkv, hd, kc, kc.clone(), pos, pos, None, ws, rope=(good, good.double()))

@@ -14,7 +14,7 @@ def test_default_split_cap_and_sizes():
     assert ws.record_floats(34) == 40  # max, sum, 2 pad, 36 (34 rounded up to 4)
     assert int(ws.counters.abs().sum()) == 0  # the kernel relies on zero counters between launches
     # short caches need fewer splits: ceil(max_len / min_chunk), which never changes a row's plan
-    assert dk.AttentionWorkspace.create(1, 20, 5, 128, 100, "cpu").max_splits == 2
+    assert dk.AttentionWorkspace.create(1, 20, 5, 128, 100, "cpu").max_splits == -(-100 // dk.DEFAULT_MIN_CHUNK)
     assert dk.AttentionWorkspace.create(1, 8, 2, 64, 1000, "cpu", min_chunk=7, max_splits=128).max_splits == 128
 
 

@@ -8,7 +8,7 @@ CUDA graph of the smallest batch bucket >= B (1, 2, 4, ..., max_slots); the othe
 the scratch slot, whose position is reset to 0 at the start of every step, so they compute garbage at
 position 0 of the scratch slot and never touch a real slot's cache or sampling state. Inside the graph:
 gather each row's last token and position, embedding, per layer ternary_linear over the B rows (path by
-batch size, see LinearPolicy), rope_append_batch + attention_decode (each row in its own slot), LM head over
+batch size, see LinearPolicy), attention_decode with RoPE + KV append fused in (each row in its own slot), LM head over
 the rows, and one batched sampling launch that advances each slot's position and RNG step.
 
 Prefill of a slot runs the chunk's T tokens through the same T-row layer stack as GpuModel's prefill, into
@@ -183,7 +183,7 @@ class GpuBatchRunner:
         self.slot_ids = torch.arange(s1, dtype=i32, device=dev)  # slot_ids[s : s + 1]: a device [1] naming s
         # the batched attention's scratch (split partials, arrival counters)
         self.attn_ws = dk.AttentionWorkspace.create(bm, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                    self.max_len, dev)
+                                                    self.max_len, dev, min_chunk=dk.BATCHED_MIN_CHUNK)
         self._len = [0] * s1
         self._state = ["free"] * s1  # free -> begun -> (prefilling) -> ready
         self._last_rows = 0
@@ -200,8 +200,8 @@ class GpuBatchRunner:
 
         def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
             kp, vp = self.k_pool[i], self.v_pool[i]
-            dk.rope_append_batch(qkv, nq, nkv, hd, self.cos_t, self.sin_t, positions, kp, vp, slots)
-            dk.attention_decode(qkv, nq, nkv, hd, kp, vp, positions, slots, attn, self.attn_ws)
+            dk.attention_decode(qkv, nq, nkv, hd, kp, vp, positions, slots, attn, self.attn_ws,
+                                rope=(self.cos_t, self.sin_t))  # RoPE + KV append fused in
 
         return attend
 
