@@ -11,7 +11,10 @@
 //    finish before its predecessor, and then its own successor would no longer be ordered after that
 //    predecessor (ordering is transitive only through the waits).
 // pdl::launch_dependents() tells the hardware the next kernel may be scheduled; it only lets the next
-// kernel run up to its own wait(), so it is safe to call first thing.
+// kernel run up to its own wait(), so it is safe to call first thing. Safe is not always fast: the next
+// kernel's CTAs then sit resident beside this one's from the start. For the sparse one-token GEMV (an
+// issue-bound selection) and the decode attention that cost the S = 0.6 step 0.6 ms of 2.2 on the H200, so
+// those two trigger after their selection / tile loop (bench/NOTES-latency.md, session 4).
 // Below sm_90, and when the launch carries no PDL attribute, both instructions are no-ops.
 #pragma once
 #include <cuda_runtime.h>
