@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels attention e2e profile fidelity
-#   (serving work: serving batched_linear batched_decode)
+#   (serving work: serving batched_linear batched_decode; lab: ncu ncu-src)
 # Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
 # arguments, e.g. --no-peer), BL_ARGS (bench/batched_linear.py), DECODE_ARGS (bench/batched_decode.py; default --torch), REPS, SWEEP_ARGS (e.g. --only 2b4t --variants t1p,t1). `e2e-nopdl` repeats e2e with programmatic dependent launch off.
@@ -28,8 +28,8 @@ for what in "$@"; do
     sanitizer)
       timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \
         --rootdir "$SRC" -c "$SRC/pyproject.toml" "$SRC/tests/test_linear_kernels_gpu.py" "$SRC/tests/test_attention_gpu.py" \
-        "$SRC/tests/test_head_int8_gpu.py" "$SRC/tests/test_ceilings_gpu.py" "$SRC/tests/test_serving_gpu.py" \
-        -k "(gemv_t1_exact and 0.6 and randn) or early_exit or dependent_chain or identical_across_paths or (norm_fused_linear and t1p) or graph_replay_new_lengths or single_sequence_cache or lm_head_int8_kernel or stream_read_sums or sample_batch or lm_head_rows or lm_head_mma_accuracy or (gemm_skinny_shapes and 33)" \
+        "$SRC/tests/test_head_int8_gpu.py" "$SRC/tests/test_ceilings_gpu.py" "$SRC/tests/test_serving_gpu.py" "$SRC/tests/test_decode_kernels_gpu.py" \
+        -k "(gemv_t1_exact and 0.6 and randn) or early_exit or dependent_chain or identical_across_paths or (norm_fused_linear and t1p) or graph_replay_new_lengths or single_sequence_cache or lm_head_int8_kernel or stream_read_sums or sample_batch or lm_head_rows or lm_head_mma_accuracy or (gemm_skinny_shapes and 33) or (fused_rope_bit_identical and 20-5-128) or greedy_vector_and_tail" \
         > "$OUT/sanitizer.log" 2>&1; echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -3 ;;
     sweep)
       timeout 200 python3 "$SRC/bench/gemv_sweep.py" ${SWEEP_ARGS:-} --json "$OUT/gemv-sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^  skip" ;;
@@ -40,6 +40,13 @@ for what in "$@"; do
         --section Occupancy --section SourceCounters --section MemoryWorkloadAnalysis \
         python3 "$SRC/bench/profile_gemv.py" > "$OUT/ncu.txt" 2>&1; echo "ncu exit $?"
       grep -E "gemv_kernel|select_kernel|Duration|Stall|Warp Cycles Per Issued|Achieved Occupancy|Registers Per|Memory Throughput" "$OUT/ncu.txt" | head -80 ;;
+    ncu-src)  # where the decode-step kernels above their floors spend time, down to SASS lines (bench/ncu_targets.py)
+      timeout 300 ncu --clock-control none -k regex:"${NCU_KERNELS:-attention_decode|sample_kernel|gemv_t1}" --set full \
+        --import-source yes -f -o "$OUT/ncu-targets" python3 "$SRC/bench/ncu_targets.py" > "$OUT/ncu-targets-run.log" 2>&1
+      echo "ncu exit $?"
+      ncu -i "$OUT/ncu-targets.ncu-rep" --page details > "$OUT/ncu-targets.txt" 2>&1
+      ncu -i "$OUT/ncu-targets.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu-targets-sass.csv" 2>&1
+      grep -E "^  [a-zA-Z_].*\(|Duration|Warp Cycles Per Issued|Registers Per" "$OUT/ncu-targets.txt" | head -40 ;;
     kernels)
       timeout 300 python3 "$SRC/bench/kernels.py" --quick ${KERNELS_ONLY:+--only $KERNELS_ONLY} --out "$OUT" 2>&1 \
         | tee "$OUT/kernels-bench.log" | grep -v "^wrote" | cut -c1-160 ;;

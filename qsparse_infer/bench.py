@@ -234,14 +234,18 @@ def markdown(res: dict[str, Any]) -> str:
             lines += [f"### S={key}", "", table(prof), ""]
     runs = res["runs"]
     if "0.6" in runs and "0" in runs:
-        r6 = runs["0.6"]
-        lines += ["", "Targets (issue 4, H100, 2B4T shape, S = 0.6):", ""]
-        if "torch_bf16_decode_tok_s" in res:
-            x = res["speedup_vs_torch_bf16"]["0.6"]
-            lines.append(f"- decode >= 5x the torch bf16 peer: {x:.2f}x ({'met' if x >= 5 else 'missed'})")
-        x = res["speedup_vs_our_s0"]["0.6"]
-        lines.append(f"- S=0.6 >= 1.3x our S=0: {x:.2f}x ({'met' if x >= 1.3 else 'missed'})")
-        x = r6["peak_over_ideal"]
+        # issue 8's targets at S = 0.6 (the 8B shape has its own, since its bytes allow more)
+        torch_x, s0_x = (6.0, 1.3) if res.get("model") == "8b" else (4.0, 1.1)
+        lines += ["", f"Targets (issue 8, {res.get('model', '?')} shape, S = 0.6):", ""]
+        speedup = res.get("speedup_vs_torch_bf16", {})
+        checks = [(f"decode >= {torch_x:g}x the torch bf16 peer", speedup.get("0.6"), torch_x)]
+        if "0.6 int8-head" in speedup and res.get("model") != "8b":
+            checks.append(("with the int8 head, decode >= 5x the torch bf16 peer", speedup["0.6 int8-head"], 5.0))
+        checks.append((f"S=0.6 >= {s0_x:g}x our S=0", res["speedup_vs_our_s0"]["0.6"], s0_x))
+        for text, x, want in checks:
+            if x is not None:
+                lines.append(f"- {text}: {x:.2f}x ({'met' if x >= want else 'missed'})")
+        x = runs["0.6"]["peak_over_ideal"]
         lines.append(f"- peak GPU memory <= 1.2x (packed + embeddings + head + KV): {x:.3f}x "
                      f"({'met' if x <= 1.2 else 'missed'})")
     return "\n".join(lines) + "\n"
