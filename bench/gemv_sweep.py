@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import n_sets, streaming_ceiling, time_graph  # noqa: E402
+from kernels import n_sets, random_packed, streaming_ceiling, time_graph  # noqa: E402
 
 from qsparse_infer import linear_kernels as lk  # noqa: E402
 from qsparse_infer import quant  # noqa: E402
@@ -54,13 +54,7 @@ def main() -> int:
             continue
         layout = "interleave" if glu else "concat"
         rb = quant.packed_columns(segs, layout) // 4
-
-        def random_packed() -> lk.PackedTernary:
-            c = torch.randint(0, 3, (d, rb, 4), device="cuda", dtype=torch.uint8, generator=gen)
-            packed = (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).contiguous()
-            return lk.PackedTernary(packed, torch.rand(len(segs), device="cuda", generator=gen) + 0.5, segs, layout)
-
-        ws = [random_packed() for _ in range(n_sets(d * rb))]
+        ws = [random_packed(d, segs, glu, gen) for _ in range(n_sets(d * rb))]
         x = torch.randn(1, d, device="cuda", generator=gen) * (0.2 + 3 * torch.rand(d, device="cuda", generator=gen))
         nw = torch.rand(d, device="cuda", generator=gen) + 0.5 if with_norm else None
         out = torch.empty(1, segs[0] if glu else sum(segs), device="cuda")

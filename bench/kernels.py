@@ -93,20 +93,24 @@ def n_sets(set_bytes: int) -> int:
     return max(2, min(16, -(-L2_DEFEAT_BYTES // max(set_bytes, 1))))
 
 
+def random_packed(d: int, segs: list[int], glu: str | None, gen: torch.Generator) -> lk.PackedTernary:
+    """Random packed ternary weights of D rows and the given output segments (GLU layout when glu is set),
+    with random per-segment scales. Random bytes are valid ternary data only where no 2-bit code is 3, so
+    the codes are drawn in {0, 1, 2}."""
+    layout = "interleave" if glu else "concat"
+    c = torch.randint(0, 3, (d, quant.packed_columns(segs, layout) // 4, 4), device="cuda", dtype=torch.uint8,
+                      generator=gen)
+    packed = (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).contiguous()
+    return lk.PackedTernary(packed, torch.rand(len(segs), device="cuda", generator=gen) + 0.5, segs, layout)
+
+
 def bench_shape(name: str, d: int, segs: list[int], glu: str | None, ceiling_gbps: float, quick: bool) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     layout = "interleave" if glu else "concat"
     m_total = sum(segs)
-    # Random packed bytes are valid ternary data only where no 2-bit code is 3: draw codes in {0,1,2}.
     codes_shape = (d, quant.packed_columns(segs, layout) // 4)
-
-    def random_packed() -> lk.PackedTernary:
-        c = torch.randint(0, 3, (*codes_shape, 4), device="cuda", dtype=torch.uint8, generator=gen)
-        packed = (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).contiguous()
-        return lk.PackedTernary(packed, torch.rand(len(segs), device="cuda", generator=gen) + 0.5, segs, layout)
-
     set_bytes = codes_shape[0] * codes_shape[1]
-    ws = [random_packed() for _ in range(n_sets(set_bytes))]
+    ws = [random_packed(d, segs, glu, gen) for _ in range(n_sets(set_bytes))]
     x = torch.randn(1, d, device="cuda", generator=gen) * (0.2 + 3 * torch.rand(d, device="cuda", generator=gen))
     n_out = segs[0] if glu else m_total
     out = torch.empty(1, n_out, device="cuda")

@@ -38,7 +38,7 @@ for what in "$@"; do
     ncu)
       timeout 200 ncu --clock-control none -k regex:"gemv|select" --section SpeedOfLight --section WarpStateStats --section LaunchStats \
         --section Occupancy --section SourceCounters --section MemoryWorkloadAnalysis \
-        python3 "$SRC/bench/profile_gemv.py" > "$OUT/ncu.txt" 2>&1; echo "ncu exit $?"
+        python3 "$SRC/bench/ncu_targets.py" --parts gemv-variants > "$OUT/ncu.txt" 2>&1; echo "ncu exit $?"
       grep -E "gemv_kernel|select_kernel|Duration|Stall|Warp Cycles Per Issued|Achieved Occupancy|Registers Per|Memory Throughput" "$OUT/ncu.txt" | head -80 ;;
     ncu-src)  # where the decode-step kernels above their floors spend time, down to SASS lines (bench/ncu_targets.py)
       timeout 300 ncu --clock-control none -k regex:"${NCU_KERNELS:-attention_decode|sample_kernel|gemv_t1}" --set full \

@@ -13,8 +13,8 @@
 //   prefetched with K so the two DRAM round trips overlap), and the first tile's loads go out before q is
 //   even staged; each next tile's loads go out before the current tile's math (registers double-buffered).
 //   A tile is ~32 positions over 256 threads (2 per thread at hd 128), so one tile's chain of dependent
-//   instructions is short: a short context pays exactly one tile per CTA. Scores of the tile are computed in parallel (dot over the thread's lanes + xor shuffles),
-//   the block takes the tile's max and exp() in shared memory (one warp per head), then P.V runs with
+//   instructions is short: a short context pays exactly one tile per CTA. Scores of the tile are computed
+//   in parallel (dot over the thread's lanes + xor shuffles), the block takes the tile's max and exp() in shared memory (one warp per head), then P.V runs with
 //   each thread owning a few head dims of its positions; chunks longer than one tile loop with an online
 //   softmax (running max / sum, accumulator rescale).
 // - Splits: nsplit(len) = min(max_splits, ceil(len / min_chunk)) chunks of ceil(len / nsplit) positions.
@@ -26,8 +26,13 @@
 //   CTA to arrive at the (b, kv head) counter merges them in split order (deterministic whichever CTA is
 //   last) and resets the counter: no second launch. The merge is L2 round trips, so it is built for
 //   memory-level parallelism: all (max, sum) pairs in one round, then 16-byte accumulator loads unrolled
-//   16 deep. Its cost grows with the split count, hence the cap (max_splits, 64 by default): at long
-//   contexts 64 splits x nkv CTAs already keep far more bytes in flight than DRAM needs.
+//   16 deep. Its cost grows with the split count, hence the cap (max_splits, 48 by default: 48 x 5 kv
+//   heads fit one wave at 2B4T shape): at long contexts that many CTAs keep far more bytes in flight than
+//   DRAM needs.
+// - Optional fused RoPE + KV append (cos_t != nullptr): see the kernel; it saves the rope_append_batch
+//   launch per layer and is bit-identical to it.
+// - Programmatic dependent launch: the next kernel is triggered after the tile loop, not at the start (see
+//   pdl.cuh: dependents resident from the start slowed the sparse projections next to this grid).
 // - 2 CTAs per SM (<= 128 registers; 1 for 8 query heads per kv head, whose accumulators need more).
 // - hd not a multiple of 16 bytes (odd test sizes) or unaligned caches take the same code with scalar
 //   loads (VEC = false).
