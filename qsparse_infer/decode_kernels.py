@@ -3,6 +3,7 @@ the current CUDA stream to _C. They allocate nothing unless `out` is omitted, an
 sequence of calls can be captured in a CUDA graph (the kernels read positions from device buffers)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,23 @@ def attention_decode(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: tor
                            ws.min_chunk, _stream())
     return out
 
+
+# Lab switch (like QSPARSE_PDL): QSPARSE_FUSED_ROPE=0 runs RoPE + KV append as its own kernel before the
+# decode attention, to measure the fusion (bench/NOTES-latency.md, session 4).
+FUSED_ROPE = os.environ.get("QSPARSE_FUSED_ROPE", "1") != "0"
+
+
+def rope_append_attention(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, out: torch.Tensor,
+                          workspace: AttentionWorkspace, cos_t: torch.Tensor, sin_t: torch.Tensor) -> torch.Tensor:
+    """A decode step's RoPE + KV append + attention over qkv [B, ...] (the decoders' one entry point): the
+    fused kernel, or with FUSED_ROPE off rope_append_batch followed by the unfused kernel. Bit-identical
+    either way (tests/test_attention_gpu.py); the fused path leaves q unrotated in qkv."""
+    if FUSED_ROPE:
+        return attention_decode(qkv, nq, nkv, hd, k_cache, v_cache, positions, slots, out, workspace,
+                                rope=(cos_t, sin_t))
+    rope_append_batch(qkv, nq, nkv, hd, cos_t, sin_t, positions, k_cache, v_cache, slots)
+    return attention_decode(qkv, nq, nkv, hd, k_cache, v_cache, positions, slots, out, workspace)
 
 def _head_io(x: torch.Tensor, v: int, h: int, norm_weight: torch.Tensor | None,
              out: torch.Tensor | None) -> tuple[int, torch.Tensor]:

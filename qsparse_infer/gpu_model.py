@@ -18,7 +18,6 @@ model already applies. fp32 is available (kv_dtype=torch.float32) for exact comp
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import torch
@@ -31,10 +30,6 @@ from .reference import rope_cos_sin
 from .sampling import SamplingSettings
 
 __all__ = ["GpuModel", "group_geometry"]
-
-# Lab switch (like QSPARSE_PDL): QSPARSE_FUSED_ROPE=0 runs RoPE + KV append as its own kernel before the
-# decode attention, to measure the fusion. Both paths are bit-identical (tests/test_attention_gpu.py).
-FUSED_ROPE = os.environ.get("QSPARSE_FUSED_ROPE", "1") != "0"
 
 
 def _fmt_gib(n: float) -> str:
@@ -159,12 +154,8 @@ class GpuModel:
         def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
             kc, vc = self.k_cache[i], self.v_cache[i]
             if decode:
-                if FUSED_ROPE:
-                    dk.attention_decode(qkv, nq, nkv, hd, kc, vc, self.pos, self.slot0, attn, self.attn_ws,
-                                        rope=(self.cos_t, self.sin_t))  # RoPE + KV append fused in
-                else:
-                    dk.rope_append_batch(qkv, nq, nkv, hd, self.cos_t, self.sin_t, self.pos, kc, vc, self.slot0)
-                    dk.attention_decode(qkv, nq, nkv, hd, kc, vc, self.pos, self.slot0, attn, self.attn_ws)
+                dk.rope_append_attention(qkv, nq, nkv, hd, kc, vc, self.pos, self.slot0, attn, self.attn_ws,
+                                         self.cos_t, self.sin_t)
             else:
                 dk.rope_append(qkv, nq, nkv, hd, self.cos_t, self.sin_t, self.pos, kc, vc)
                 dk.attention(qkv, nq, nkv, hd, kc, vc, self.pos, out=attn)

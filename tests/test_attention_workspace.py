@@ -29,3 +29,20 @@ def test_rejects_bad_parameters(kwargs, match):
 def test_rejects_bad_shape():
     with pytest.raises(ValueError, match="max_batch"):
         dk.AttentionWorkspace.create(0, 20, 5, 128, 100, "cpu")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_rope_append_attention_dispatch(monkeypatch, fused):
+    """The decoders' entry point passes its arguments to the fused kernel, or (lab switch off) to
+    rope_append_batch and then the unfused kernel, unchanged and in that order."""
+    calls = []
+    monkeypatch.setattr(dk, "FUSED_ROPE", fused)
+    monkeypatch.setattr(dk, "attention_decode", lambda *a, **kw: calls.append(("attn", a, kw)) or "out")
+    monkeypatch.setattr(dk, "rope_append_batch", lambda *a, **kw: calls.append(("rope", a, kw)))
+    args = ["qkv", 8, 2, 64, "kc", "vc", "pos", "slots", "out", "ws"]
+    assert dk.rope_append_attention(*args, "cos", "sin") == "out"
+    if fused:
+        assert calls == [("attn", tuple(args), {"rope": ("cos", "sin")})]
+    else:
+        assert calls == [("rope", ("qkv", 8, 2, 64, "cos", "sin", "pos", "kc", "vc", "slots"), {}),
+                         ("attn", tuple(args), {})]

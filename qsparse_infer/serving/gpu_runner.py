@@ -200,8 +200,8 @@ class GpuBatchRunner:
 
         def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
             kp, vp = self.k_pool[i], self.v_pool[i]
-            dk.attention_decode(qkv, nq, nkv, hd, kp, vp, positions, slots, attn, self.attn_ws,
-                                rope=(self.cos_t, self.sin_t))  # RoPE + KV append fused in
+            dk.rope_append_attention(qkv, nq, nkv, hd, kp, vp, positions, slots, attn, self.attn_ws,
+                                     self.cos_t, self.sin_t)
 
         return attend
 
