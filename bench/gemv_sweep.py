@@ -7,7 +7,6 @@ the same run: an empty kernel in a CUDA graph (the launch floor) and the streami
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kernels import n_sets, random_packed, streaming_ceiling, time_graph  # noqa: E402
 
 from qsparse_infer import linear_kernels as lk  # noqa: E402
+from qsparse_infer.atomic_io import write_json  # noqa: E402
 from qsparse_infer import quant  # noqa: E402
 from qsparse_infer.config import topk_count  # noqa: E402
 
@@ -92,8 +92,8 @@ def main() -> int:
         del ws
         torch.cuda.empty_cache()
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "streaming_gbps": ceiling,
-                                               "empty_kernel_us": floor, "rows": rows}, indent=1))
+        write_json(args.json, {"device": torch.cuda.get_device_name(), "streaming_gbps": ceiling,
+                               "empty_kernel_us": floor, "rows": rows}, newline=False)
     return 0
 
 

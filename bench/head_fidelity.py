@@ -18,13 +18,13 @@ with fewer positions). Writes head-fidelity-<device>.md and .json into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from qsparse_infer.atomic_io import write_json, write_text
 from qsparse_infer.config import topk_count
 from qsparse_infer.head_int8 import head_source, quantize_head
 from qsparse_infer.quant import topk_mask
@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         from qsparse_infer.bench import card_slug
 
         tag = card_slug(torch.cuda.get_device_name())
-    (out / f"head-fidelity-{tag}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    (out / f"head-fidelity-{tag}.md").write_text(markdown(rows))
+    write_json(out / f"head-fidelity-{tag}.json", {"rows": rows})
+    write_text(out / f"head-fidelity-{tag}.md", markdown(rows))
     print(markdown(rows))
     print(f"wrote {out}/head-fidelity-{tag}.md and .json", file=sys.stderr)
     return 0

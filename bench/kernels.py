@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qsparse_infer import atomic_io
 from qsparse_infer import linear_kernels as lk
 from qsparse_infer import quant
 from qsparse_infer.ceilings import streaming_gbps
@@ -49,10 +50,7 @@ def card_name() -> str:
 
 def write_json(path: Path, data: dict) -> None:
     """Write a benchmark result atomically (temp file + rename): a run killed mid-write leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_io.write_json(path, data)
     print(f"wrote {path}")
 
 
@@ -190,7 +188,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
         lines.append(f"| {r['shape']} | {r['M']} | {r['D']} | {r['sparsity']} | {r['us']:.2f} | {r['gbps']:.0f} | "
                      f"{r['pct_of_streaming']:.1f} | {r['speedup_vs_dense_ternary']:.2f} | "
                      f"{r['speedup_vs_torch_bf16']:.1f} | {r['speedup_vs_torch_topk_gather']:.1f} | {r['variant']} |")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_io.write_text(path, "\n".join(lines) + "\n")
 
 
 def reselect(path: Path) -> None:
@@ -217,7 +215,7 @@ def reselect(path: Path) -> None:
         r["speedup_vs_torch_bf16"] = round(r["us_torch_bf16"] / r["us"], 2)
         r["speedup_vs_torch_topk_gather"] = round(r["us_torch_topk_gather"] / r["us"], 2)
     data["meta"]["variant_rule"] = f"fused iff D <= {lk.FUSED_MAX_D} (re-derived from the same run's per-variant times)"
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_io.write_json(path, data)
     write_markdown(path.with_suffix(".md"), data["rows"], data["meta"])
 
 
@@ -254,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     card = card_name()
-    (out / f"kernels-{card}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    atomic_io.write_json(out / f"kernels-{card}.json", {"meta": meta, "rows": rows})
     write_markdown(out / f"kernels-{card}.md", rows, meta)
     print(f"wrote {out}/kernels-{card}.json and .md")
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from qsparse_infer.atomic_io import write_json, write_text
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -226,11 +227,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(res: dict[str, Any], json_path: Path) -> None:
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, json_path)
-    json_path.with_suffix(".md").write_text(markdown(res))
+    write_json(json_path, res, indent=2, sort_keys=True)
+    write_text(json_path.with_suffix(".md"), markdown(res))
     try:
         plot(res, json_path.with_suffix(".png"))
     except ImportError:

@@ -28,6 +28,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from serve import LaunchedServer  # noqa: E402  (starts `qsparse serve` and waits for /health)
 
+from qsparse_infer.atomic_io import write_json  # noqa: E402
+
 
 async def reference_ids(ac: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> list[int]:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in res["problems"]:
         print("  " + line)
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        write_json(args.json, res, newline=False)
     return 0 if res["failed"] == res["corrupted"] == 0 and not res["leaks"] and res["good"] > 0 else 1
 
 

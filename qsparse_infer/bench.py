@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .atomic_io import write_json, write_text
 from .config import SparsityConfig
 
 DEFAULT_SPARSITIES = "0,0.4,0.6,0.8"
@@ -278,9 +279,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(res: dict[str, Any], json_path: Path) -> None:
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    json_path.with_suffix(".md").write_text(markdown(res))
+    write_json(json_path, res, indent=2, sort_keys=True)
+    write_text(json_path.with_suffix(".md"), markdown(res))
     try:
         plot(res, json_path.with_suffix(".png"))
     except ImportError:
