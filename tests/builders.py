@@ -222,3 +222,15 @@ def make_qsparse_folder(folder: Path, cfg: ModelConfig, sparsity: SparsityConfig
                                       "sparsity": (sparsity or SparsityConfig()).to_dict()}})
     (folder / "tokenizer.model").write_bytes(sentencepiece_model())
     return folder, sd
+
+
+def greedy_tokens_graph_and_eager(gpu, ids, steps: int = 6) -> list[list[int]]:
+    """Greedy tokens of a GpuModel (prefill of ids[:5], then `steps` decode steps), once with the decode step in a
+    CUDA graph and once eager: the two lists must be equal."""
+    from qsparse_infer.sampling import SamplingSettings
+
+    runs = []
+    for graph in (True, False):
+        gpu.set_graph(graph)
+        runs.append([gpu.prefill(ids[:5], SamplingSettings(temperature=0))] + [gpu.step() for _ in range(steps)])
+    return runs

@@ -259,9 +259,5 @@ def test_sparse_lm_head_input(model_pair):
         want = ref(ids)
     gpu = GpuModel(ef, sp, kv_dtype=torch.float32)
     assert rel(gpu.logits(ids), want) < LOGITS_TOL
-    s = SamplingSettings(temperature=0)
-    runs = []
-    for graph in (True, False):
-        gpu.set_graph(graph)
-        runs.append([gpu.prefill(ids[:5], s)] + [gpu.step() for _ in range(6)])
+    runs = builders.greedy_tokens_graph_and_eager(gpu, ids)
     assert runs[0] == runs[1]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import builders  # noqa: E402
 from conftest import requires_gpu  # noqa: E402
 
 from qsparse_infer import decode_kernels as dk  # noqa: E402
@@ -23,7 +24,6 @@ from qsparse_infer.config import ModelConfig, SparsityConfig, topk_count  # noqa
 from qsparse_infer.format import build_reference  # noqa: E402
 from qsparse_infer.head_int8 import Q8, int8_head_logits, quantize_head, with_lm_head  # noqa: E402
 from qsparse_infer.random_model import random_engine  # noqa: E402
-from qsparse_infer.sampling import SamplingSettings  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 DEV = "cuda"
@@ -144,11 +144,7 @@ def test_decoder_with_int8_head(tied, head_sparsity):
             assert best < 1e-2, f"row {r}: off by more than one boundary swap of the head's mask ({best:.2e})"
             swapped_rows += 1
         assert swapped_rows <= len(ids) // 4, swapped_rows
-    s = SamplingSettings(temperature=0)
-    runs = []
-    for graph in (True, False):
-        gpu.set_graph(graph)
-        runs.append([gpu.prefill(ids[:5], s)] + [gpu.step() for _ in range(6)])
+    runs = builders.greedy_tokens_graph_and_eager(gpu, ids)
     assert runs[0] == runs[1]
     assert Q8 in ef.tensors
 
