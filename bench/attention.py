@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import time_graph, write_json  # noqa: E402  (the kernel lab's timer and result writer)
 
-from qsparse_infer import decode_kernels as dk  # noqa: E402
+from qsparse_infer.kernels import decode as dk  # noqa: E402
 
 NQ, NKV, HD = 20, 5, 128
 CONTEXTS = [128, 256, 512, 1024, 4096, 16384]
@@ -33,8 +33,8 @@ MAX_LAUNCHES = 512
 
 
 def streaming_gbps() -> dict[str, float]:
-    """The streaming ceiling of this run (qsparse_infer.ceilings: max of an eager copy and a streaming read)."""
-    from qsparse_infer.ceilings import streaming_gbps as measure
+    """The streaming ceiling of this run (qsparse_infer.kernels.ceilings: max of an eager copy and a streaming read)."""
+    from qsparse_infer.kernels.ceilings import streaming_gbps as measure
 
     return measure()
 

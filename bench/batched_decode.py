@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import write_json  # noqa: E402  (the kernel lab's atomic result writer)
 
-from qsparse_infer.config import SparsityConfig  # noqa: E402
-from qsparse_infer.random_model import SHAPES, random_engine  # noqa: E402
-from qsparse_infer.sampling import SamplingSettings  # noqa: E402
+from qsparse_infer.model.config import SparsityConfig  # noqa: E402
+from qsparse_infer.model.random_model import SHAPES, random_engine  # noqa: E402
+from qsparse_infer.generate.sampling import SamplingSettings  # noqa: E402
 from qsparse_infer.serving.gpu_runner import GpuBatchRunner, LinearPolicy  # noqa: E402
 
 
@@ -51,8 +51,8 @@ def profile_runner(runner: GpuBatchRunner, b: int, prompt: int, steps: int = 5) 
     its wait for the previous one); the eager launch gaps are not in these times."""
     from torch.profiler import ProfilerActivity, profile
 
-    from qsparse_infer._ext import ext
-    from qsparse_infer.profile import _trace_kernels, base_name
+    from qsparse_infer.kernels._ext import ext
+    from qsparse_infer.bench.profile import _trace_kernels, base_name
 
     g = torch.Generator().manual_seed(b)
     slots = list(range(b))
@@ -113,7 +113,7 @@ def main() -> None:
         del runner
         torch.cuda.empty_cache()
     if args.torch:
-        from qsparse_infer.torch_peer import bench_torch_batched
+        from qsparse_infer.bench.torch_peer import bench_torch_batched
 
         for b in batches:
             r = bench_torch_batched(cfg, b, prompt_len=args.prompt, new_tokens=args.steps) | {"who": "torch"}

@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import time_graph, write_json  # noqa: E402  (median of CUDA-graph replays, warm-up outside the capture)
 
-from qsparse_infer.config import ModelConfig, topk_count  # noqa: E402
-from qsparse_infer.gpu_weights import group_geometry  # noqa: E402
-from qsparse_infer.linear_kernels import PackedTernary, pack_ternary_gpu, ternary_linear  # noqa: E402
-from qsparse_infer.random_model import SHAPES  # noqa: E402
+from qsparse_infer.model.config import ModelConfig, topk_count  # noqa: E402
+from qsparse_infer.model.format import group_geometry  # noqa: E402
+from qsparse_infer.kernels.linear import PackedTernary, pack_ternary_gpu, ternary_linear  # noqa: E402
+from qsparse_infer.model.random_model import SHAPES  # noqa: E402
 
 CFG_2B4T = SHAPES["2b4t"]
 GROUPS = ("qkv", "o", "gate_up", "down")

@@ -1,7 +1,7 @@
 """Decoder diagnostics on the GPU (lab tool, not a test):
 1. ternary_linear against the reference BitLinear for the combinations the decoder uses (T = 1 / 7 / 12,
    dense / sparse, fused norm or not, each epilogue): relative error per combination.
-2. Where the time of one 2B4T decode step goes: qsparse_infer.profile (as `qsparse bench --profile`).
+2. Where the time of one 2B4T decode step goes: qsparse_infer.bench.profile (as `qsparse bench --profile`).
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import statistics
 
 import torch
 
-from qsparse_infer import quant
-from qsparse_infer.config import SparsityConfig
-from qsparse_infer.linear_kernels import PackedTernary, ternary_linear
-from qsparse_infer.reference import RMSNorm, glu
+from qsparse_infer.model import quant
+from qsparse_infer.model.config import SparsityConfig
+from qsparse_infer.kernels.linear import PackedTernary, ternary_linear
+from qsparse_infer.model.reference import RMSNorm, glu
 
 
 def linear_check() -> None:
@@ -51,13 +51,13 @@ def linear_check() -> None:
 
 
 def profile_step(sparsity: float, steps: int = 5) -> None:
-    """The per-kind table of qsparse_infer.profile (the same as `qsparse bench --profile`), then the graph
+    """The per-kind table of qsparse_infer.bench.profile (the same as `qsparse bench --profile`), then the graph
     replay time of the same step for comparison."""
-    from qsparse_infer.ceilings import streaming_gbps
-    from qsparse_infer.gpu_model import GpuModel
-    from qsparse_infer.profile import profile_decode, table
-    from qsparse_infer.random_model import SHAPES, random_engine
-    from qsparse_infer.sampling import SamplingSettings
+    from qsparse_infer.kernels.ceilings import streaming_gbps
+    from qsparse_infer.gpu.model import GpuModel
+    from qsparse_infer.bench.profile import profile_decode, table
+    from qsparse_infer.model.random_model import SHAPES, random_engine
+    from qsparse_infer.generate.sampling import SamplingSettings
 
     cfg = SHAPES["2b4t"]
     ef = random_engine(cfg, device="cuda", seed=0)

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from qsparse_infer import bench
+from qsparse_infer.bench import e2e as bench
 
 
 def main(argv=None) -> int:

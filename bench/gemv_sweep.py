@@ -15,10 +15,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import n_sets, random_packed, streaming_ceiling, time_graph  # noqa: E402
 
-from qsparse_infer import linear_kernels as lk  # noqa: E402
+from qsparse_infer.kernels import linear as lk  # noqa: E402
 from qsparse_infer.atomic_io import write_json  # noqa: E402
-from qsparse_infer import quant  # noqa: E402
-from qsparse_infer.config import topk_count  # noqa: E402
+from qsparse_infer.model import quant  # noqa: E402
+from qsparse_infer.model.config import topk_count  # noqa: E402
 
 SHAPES = [  # (name, D, segments, glu, fused norm)
     ("2b4t.qkv", 2560, [2560, 640, 640], None, True),

@@ -2,13 +2,13 @@
 
 For each model, one forward pass gives the final hidden states of every position; each head variant is then
 applied to the same states (so only the head differs), exactly as the decoder computes it:
-- int8 head (qsparse_infer/head_int8.py): per-row absmax int8 weights, fp32 input;
+- int8 head (qsparse_infer/model/head_int8.py): per-row absmax int8 weights, fp32 input;
 - the existing `SparsityConfig.lm_head` option at 0.5 and 0.6: the final-normed input top-K masked, float head.
 Metrics per variant: top-1 agreement with the float head over all positions, and the logits' relative error
 ||l - l_ref|| / ||l_ref|| (mean and max over positions).
 
 Models: (a) the built-in Shakespeare model on a Shakespeare passage embedded below (public domain), on the CPU
-reference or the GPU decoder; (b) a random model of BitNet-2B4T's shape (qsparse_infer/random_model.py) on
+reference or the GPU decoder; (b) a random model of BitNet-2B4T's shape (qsparse_infer/model/random_model.py) on
 random token ids (its weights are random, so no text means anything to it), on the GPU (or the CPU, slowly,
 with fewer positions). Writes head-fidelity-<device>.md and .json into --out.
 
@@ -25,9 +25,9 @@ from typing import Any, Callable
 import torch
 
 from qsparse_infer.atomic_io import write_json, write_text
-from qsparse_infer.config import topk_count
-from qsparse_infer.head_int8 import head_source, quantize_head
-from qsparse_infer.quant import topk_mask
+from qsparse_infer.model.config import topk_count
+from qsparse_infer.model.head_int8 import head_source, quantize_head
+from qsparse_infer.model.quant import topk_mask
 
 PASSAGE = """HAMLET:
 To be, or not to be, that is the question:
@@ -94,7 +94,7 @@ def head_variants(normed: torch.Tensor, weight: torch.Tensor,
 
 
 def cpu_gemv(weight: torch.Tensor):
-    from qsparse_infer.head_int8 import int8_head_logits
+    from qsparse_infer.model.head_int8 import int8_head_logits
 
     def gemv(x: torch.Tensor, q8) -> torch.Tensor:
         return x @ weight.float().t() if q8 is None else int8_head_logits(x, *q8)
@@ -103,7 +103,7 @@ def cpu_gemv(weight: torch.Tensor):
 
 def run_reference(ef: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """CPU reference: the final-normed states from the model, then each head by the reference math."""
-    from qsparse_infer.format import build_reference
+    from qsparse_infer.model.format import build_reference
 
     model = build_reference(ef)
     states: dict[str, torch.Tensor] = {}
@@ -118,8 +118,8 @@ def run_reference(ef: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def run_gpu(ef: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """GPU decoder: the prompt forward through our kernels, then each head through our head kernels."""
-    from qsparse_infer import decode_kernels as dk
-    from qsparse_infer.gpu_model import GpuModel
+    from qsparse_infer.kernels import decode as dk
+    from qsparse_infer.gpu.model import GpuModel
 
     model = GpuModel(ef, max_len=ids.numel() + 1, use_graph=False)
     with torch.no_grad():
@@ -188,15 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if not args.skip_builtin:
         from qsparse_infer.engine import BUILTIN_MODEL
-        from qsparse_infer.format import read_engine
-        from qsparse_infer.tokenizer import Tokenizer
+        from qsparse_infer.model.format import read_engine
+        from qsparse_infer.model.tokenizer import Tokenizer
 
         ef = read_engine(BUILTIN_MODEL)
         tok = Tokenizer.from_engine_file(ef)
         ids = torch.tensor(tok.encode(PASSAGE)[: ef.config.max_seq_len], dtype=torch.int64)
         rows.append(evaluate("built-in", ef, ids, device, "Hamlet III.1 (embedded)"))
     if not args.skip_2b4t:
-        from qsparse_infer.random_model import SHAPES, random_engine
+        from qsparse_infer.model.random_model import SHAPES, random_engine
 
         cfg = SHAPES[args.random_shape]
         n = args.positions or (512 if device == "cuda" else 48)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = "cpu"
     if device == "cuda":
-        from qsparse_infer.bench import card_slug
+        from qsparse_infer.bench.e2e import card_slug
 
         tag = card_slug(torch.cuda.get_device_name())
     write_json(out / f"head-fidelity-{tag}.json", {"rows": rows})

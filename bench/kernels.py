@@ -4,7 +4,7 @@ Writes bench/results/kernels-<card>.json and .md. One token, shapes of BitNet-2B
 70B, sparsity 0 / 0.4 / 0.6 / 0.8. Timing: CUDA events around replays of a CUDA graph that calls the
 op once per weight set, the sets rotated so that they exceed L2; medians over replays. Peers timed in
 the same run: our dense ternary path (k = D), torch bf16 F.linear (cuBLAS GEMV) and torch top-K +
-row gather + bf16 GEMV. The streaming ceiling (qsparse_infer/ceilings.py: the larger of an eager device copy,
+row gather + bf16 GEMV. The streaming ceiling (qsparse_infer/kernels/ceilings.py: the larger of an eager device copy,
 read + write bytes, and a streaming-read kernel) is measured in the same run; "% of streaming" divides by it.
 
     python bench/kernels.py [--out bench/results] [--quick]
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from qsparse_infer import atomic_io
-from qsparse_infer import linear_kernels as lk
-from qsparse_infer import quant
-from qsparse_infer.ceilings import streaming_gbps
-from qsparse_infer.config import topk_count
+from qsparse_infer.kernels import linear as lk
+from qsparse_infer import packing
+from qsparse_infer.kernels.ceilings import streaming_gbps
+from qsparse_infer.model.config import topk_count
 
 SHAPES = [  # (name, D, segments, glu)
     ("2b4t.attn", 2560, [2560], None),
@@ -96,7 +96,7 @@ def random_packed(d: int, segs: list[int], glu: str | None, gen: torch.Generator
     with random per-segment scales. Random bytes are valid ternary data only where no 2-bit code is 3, so
     the codes are drawn in {0, 1, 2}."""
     layout = "interleave" if glu else "concat"
-    c = torch.randint(0, 3, (d, quant.packed_columns(segs, layout) // 4, 4), device="cuda", dtype=torch.uint8,
+    c = torch.randint(0, 3, (d, packing.packed_columns(segs, layout) // 4, 4), device="cuda", dtype=torch.uint8,
                       generator=gen)
     packed = (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).contiguous()
     return lk.PackedTernary(packed, torch.rand(len(segs), device="cuda", generator=gen) + 0.5, segs, layout)
@@ -106,7 +106,7 @@ def bench_shape(name: str, d: int, segs: list[int], glu: str | None, ceiling_gbp
     gen = torch.Generator(device="cuda").manual_seed(0)
     layout = "interleave" if glu else "concat"
     m_total = sum(segs)
-    codes_shape = (d, quant.packed_columns(segs, layout) // 4)
+    codes_shape = (d, packing.packed_columns(segs, layout) // 4)
     set_bytes = codes_shape[0] * codes_shape[1]
     ws = [random_packed(d, segs, glu, gen) for _ in range(n_sets(set_bytes))]
     x = torch.randn(1, d, device="cuda", generator=gen) * (0.2 + 3 * torch.rand(d, device="cuda", generator=gen))

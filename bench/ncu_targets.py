@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import random_packed  # noqa: E402  (the kernel lab's random weights)
 
-from qsparse_infer import decode_kernels as dk  # noqa: E402
-from qsparse_infer import linear_kernels as lk  # noqa: E402
-from qsparse_infer.config import topk_count  # noqa: E402
+from qsparse_infer.kernels import decode as dk  # noqa: E402
+from qsparse_infer.kernels import linear as lk  # noqa: E402
+from qsparse_infer.model.config import topk_count  # noqa: E402
 
 NQ, NKV, HD, CTX, VOCAB = 20, 5, 128, 256, 128256
 DEFAULT_PARTS = "attention,sampling,projections"

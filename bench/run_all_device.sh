@@ -27,8 +27,8 @@ for what in "$@"; do
         | tee "$OUT/pytest.log" | tail -40 ;;
     sanitizer)
       timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \
-        --rootdir "$SRC" -c "$SRC/pyproject.toml" "$SRC/tests/test_linear_kernels_gpu.py" "$SRC/tests/test_attention_gpu.py" \
-        "$SRC/tests/test_head_int8_gpu.py" "$SRC/tests/test_ceilings_gpu.py" "$SRC/tests/test_serving_gpu.py" "$SRC/tests/test_decode_kernels_gpu.py" \
+        --rootdir "$SRC" -c "$SRC/pyproject.toml" "$SRC/tests/kernels/test_linear_kernels_gpu.py" "$SRC/tests/kernels/test_attention_gpu.py" \
+        "$SRC/tests/kernels/test_head_int8_gpu.py" "$SRC/tests/kernels/test_ceilings_gpu.py" "$SRC/tests/serving/test_serving_gpu.py" "$SRC/tests/kernels/test_decode_kernels_gpu.py" \
         -k "(gemv_t1_exact and 0.6 and randn) or early_exit or dependent_chain or identical_across_paths or (norm_fused_linear and t1p) or graph_replay_new_lengths or single_sequence_cache or lm_head_int8_kernel or stream_read_sums or sample_batch or lm_head_rows or lm_head_mma_accuracy or (gemm_skinny_shapes and 33) or (fused_rope_bit_identical and 20-5-128) or greedy_vector_and_tail" \
         > "$OUT/sanitizer.log" 2>&1; echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -3 ;;
     sweep)
@@ -57,7 +57,7 @@ for what in "$@"; do
         --json "$OUT/$what-${E2E_SHAPE:-2b4t}.json" 2>&1 | tee "$OUT/$what-${E2E_SHAPE:-2b4t}.log" | tail -30 ;;
     serving)  # the batched decoder and its kernels, plus the single-sequence decoder they must not have changed
       timeout 400 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" -rfEs \
-        "$SRC/tests/test_serving_gpu.py" "$SRC/tests/test_decode_kernels_gpu.py" "$SRC/tests/test_gpu_model_gpu.py" \
+        "$SRC/tests/serving/test_serving_gpu.py" "$SRC/tests/kernels/test_decode_kernels_gpu.py" "$SRC/tests/gpu/test_gpu_model_gpu.py" \
         2>&1 | tee "$OUT/serving-tests.log" | tail -30 ;;
     batched_linear)
       timeout ${BL_TIMEOUT:-300} python3 "$SRC/bench/batched_linear.py" ${BL_ARGS:-} --json "$OUT/batched-linear.json" 2>&1 \

@@ -165,10 +165,10 @@ def merge_peer(res: dict[str, Any], peer: dict[str, Any]) -> None:
 
 
 def peer_numbers(shape: str, concurrency: list[int], prompt_len: int, new_tokens: int) -> dict[str, Any]:
-    """Run the batched torch bf16 peer (`qsparse_infer.torch_peer.bench_torch_batched`, from the gpu-batch
+    """Run the batched torch bf16 peer (`qsparse_infer.bench.torch_peer.bench_torch_batched`, from the gpu-batch
     work) at batch = N for each concurrency level, in this process, after the servers have stopped."""
-    from qsparse_infer.random_model import SHAPES
-    from qsparse_infer.torch_peer import bench_torch_batched
+    from qsparse_infer.model.random_model import SHAPES
+    from qsparse_infer.bench.torch_peer import bench_torch_batched
 
     rows = [{**bench_torch_batched(SHAPES[shape], n, prompt_len=prompt_len, new_tokens=new_tokens), "who": "torch"}
             for n in concurrency]

@@ -7,9 +7,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import generation
-from .config import SparsityConfig, check_topk
-from .format import EngineFile, build_reference, read_engine
+from .generate import generation
+from .model.config import SparsityConfig, check_topk
+from .model.format import EngineFile, build_reference, read_engine
 
 BUILTIN_MODEL = Path(__file__).resolve().parent / "data" / "shakespeare.qsp"
 
@@ -32,7 +32,7 @@ class Engine:
     file (EngineFile), model (the reference Transformer, CPU, built lazily) and, on "cuda", gpu (the GPU decoder)."""
 
     def __init__(self, file: EngineFile, device: str, sparsity: SparsityConfig, kv_cache: str = "bf16") -> None:
-        from .tokenizer import Tokenizer
+        from .model.tokenizer import Tokenizer
 
         self.file = file
         self.config = file.config
@@ -47,7 +47,7 @@ class Engine:
             raise ValueError(f"kv_cache must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache!r}")
         check_topk(self.config, sparsity)
         if device == "cuda":
-            from .gpu_model import GpuModel
+            from .gpu.model import GpuModel
 
             self.gpu = GpuModel(self.file, self.sparsity, kv_dtype=KV_CACHE_DTYPES[kv_cache])
 
@@ -67,7 +67,7 @@ class Engine:
                     f"(make one with `qsparse convert`)")
             path = BUILTIN_MODEL
         requested, device = device, _pick_device(device)
-        from .head_int8 import with_lm_head
+        from .model.head_int8 import with_lm_head
 
         ef = with_lm_head(read_engine(path), lm_head)
         engine = cls(ef, device, _resolve_sparsity(sparsity, ef.sparsity), kv_cache)
@@ -160,15 +160,16 @@ def _is_prompt_batch(prompt: Any) -> bool:
 
 
 def _pick_device(device: str) -> str:
-    from . import _ext
+    from .kernels import _ext
 
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if device == "auto":
         if _ext.gpu_available():
             return "cuda"
-        warnings.warn("no CUDA GPU (or no compiled extension) available: running the CPU reference model, "
-                      "which is slow", stacklevel=3)
+        what = ("this installation has no CUDA extension (no nvcc when it was installed)" if _ext.built_without_cuda()
+                else "no CUDA GPU (or no compiled extension) available")
+        warnings.warn(f"{what}: running the CPU reference model, which is slow", stacklevel=3)
         return "cpu"
     if device == "cuda":
         _ext.require_gpu()  # raises RuntimeError naming what is missing

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qsparse_infer.config import ModelConfig, SparsityConfig
-from qsparse_infer.format import GROUPS, group_geometry
-from qsparse_infer.quant import pack_ternary
-from qsparse_infer.reference import Transformer
+from qsparse_infer.model.config import ModelConfig, SparsityConfig
+from qsparse_infer.model.format import GROUPS, group_geometry
+from qsparse_infer.packing import pack_ternary
+from qsparse_infer.model.reference import Transformer
 
 WORDS = ("the king queen castle river night day sword crown love war peace bread wine horse field storm sea "
          "ship gold silver stone fire water earth wind song heart mind hand eye").split()
@@ -227,7 +227,7 @@ def make_qsparse_folder(folder: Path, cfg: ModelConfig, sparsity: SparsityConfig
 def greedy_tokens_graph_and_eager(gpu, ids, steps: int = 6) -> list[list[int]]:
     """Greedy tokens of a GpuModel (prefill of ids[:5], then `steps` decode steps), once with the decode step in a
     CUDA graph and once eager: the two lists must be equal."""
-    from qsparse_infer.sampling import SamplingSettings
+    from qsparse_infer.generate.sampling import SamplingSettings
 
     runs = []
     for graph in (True, False):

@@ -24,7 +24,7 @@ def gpu_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU visible to torch (qsparse_infer._C is compiled)"
     try:
-        from qsparse_infer._ext import gpu_available
+        from qsparse_infer.kernels._ext import gpu_available
 
         if gpu_available():
             return None

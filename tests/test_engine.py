@@ -11,15 +11,15 @@ from builders import engine_tensors, random_reference, sentencepiece_model, tiny
 from conftest import requires_gpu
 
 from qsparse_infer import Engine
-from qsparse_infer.config import SparsityConfig
-from qsparse_infer.format import write_engine
+from qsparse_infer.model.config import SparsityConfig
+from qsparse_infer.model.format import write_engine
 
 CFG = tiny_config(vocab_size=400, max_seq_len=32)
 STORED = SparsityConfig(attn=0.5, o=0.5, mlp=0.5, down=0.5)
 
 
 def _gpu() -> bool:
-    from qsparse_infer import _ext
+    from qsparse_infer.kernels import _ext
 
     return _ext.gpu_available()
 
@@ -102,7 +102,7 @@ def test_builtin_model_missing_is_clear(monkeypatch, tmp_path):
 
 def test_text_methods_delegate_to_generation(path, monkeypatch):
     calls = []
-    fake = types.ModuleType("qsparse_infer.generation")
+    fake = types.ModuleType("qsparse_infer.generate.generation")
     for name in ("generate", "stream", "chat"):
         setattr(fake, name, lambda engine, arg, _n=name, **kw: calls.append((_n, engine, arg, kw)) or _n)
     monkeypatch.setattr(importlib.import_module("qsparse_infer.engine"), "generation", fake)

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..sampling import SamplingSettings
+from ..generate.sampling import SamplingSettings
 from .protocol import APIError, ChatRequest, CompletionRequest
 from .scheduler import Delta, Finished, GenerationRequest, QueueFull, Scheduler
 

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..sampling import SamplingSettings
-from ..textstream import parse_stops
+from ..generate.sampling import SamplingSettings
+from ..generate.textstream import parse_stops
 from . import DEFAULT_MAX_SLOTS, make_runner
 from .scheduler import Delta, Finished, GenerationRequest, Scheduler
 

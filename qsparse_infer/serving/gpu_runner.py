@@ -22,11 +22,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import decode_kernels as dk
-from ..config import ModelConfig, SparsityConfig
-from ..gpu_weights import GpuWeights, TopK, decode_settings, host_weight_bytes, run_head, run_layers
-from ..reference import rope_cos_sin
-from ..sampling import SamplingSettings
+from ..generate.sampling import SamplingSettings
+from ..gpu.weights import GpuWeights, TopK, decode_settings, host_weight_bytes, run_head, run_layers
+from ..kernels import decode as dk
+from ..model.config import ModelConfig, SparsityConfig
+from ..model.reference import rope_cos_sin
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _MARGIN = 512 * 2**20  # graphs, linear-kernel workspaces, allocator slack
@@ -72,7 +72,7 @@ class GpuBatchRunner:
                  max_len: int | None = None, kv_dtype: torch.dtype | None = None,
                  device: str | torch.device = "cuda", *, use_graph: bool = True,
                  policy: LinearPolicy | None = None) -> None:
-        from ..linear_kernels import ternary_linear
+        from ..kernels.linear import ternary_linear
 
         self._ternary_linear = ternary_linear
         # an Engine (with or without a GpuModel to share weights with), or an EngineFile

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..reference import KVCache
-from ..sampling import SamplingSettings, sample_cpu
+from ..generate.sampling import SamplingSettings, sample_cpu
+from ..model.reference import KVCache
 
 
 class ModelRunner(Protocol):

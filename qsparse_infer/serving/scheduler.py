@@ -21,8 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..sampling import SamplingSettings
-from ..textstream import TextAssembler, parse_stops
+from ..generate.sampling import SamplingSettings
+from ..generate.textstream import TextAssembler, parse_stops
 from .runner import ModelRunner
 
 log = logging.getLogger("qsparse.serve")

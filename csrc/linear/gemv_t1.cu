@@ -1,0 +1,201 @@
+// Gather-GEMV for ONE token (decode), variant 2. linear_gemv.cu (variant 1) serves 2..8 tokens;
+// linear_gemv_t1p.cu (variant 3) is this kernel with its weight rows prefetched into shared memory.
+//
+// Variant 1 spends 15-25 us per call at BitNet-2B4T shapes on fixed costs (bench/NOTES-kernels.md, run 3):
+// a 4-pass shared-memory radix select, 64 accumulators per thread with expensive reductions, 8 warps
+// per SM, and split-K through global atomics. This variant is built for latency instead:
+//  - Selection from registers by bisection with an early exit (linear_t1_device.cuh). A ballot scan then
+//    writes the selected (index, int8) list to shared memory in index order; ties go to the lower index.
+//  - Product: a CTA owns 512 packed columns (one 4-byte word of every row per lane: a warp reads 128
+//    contiguous bytes of a row) and a 1/R share of the selected rows, split among its warps; 16
+//    accumulators per thread, dp4a over byte-transposed groups of 4 rows (t1::accumulate4).
+//  - Reduction: warps through shared memory; the R CTAs of a column block form a thread-block cluster
+//    (sm_90) and push their column sums into the first CTA with distributed-shared-memory atomics, then the
+//    first CTA runs the shared epilogue (t1::finish). No workspace, no counters: graph-friendly.
+//  - Programmatic dependent launch (pdl.cuh): weights, norm weights, column map and betas load before
+//    pdl::wait(); x and the residual after it.
+#include "linear/t1_device.cuh"
+
+namespace qsparse {
+namespace {
+
+using t1::kColsPerCta;
+using t1::T1Args;
+
+template <int NT, int KPT>
+__global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
+  constexpr int NW = NT / 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ t1::Shared sh;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int D = a.sel.D, K = a.sel.K, Kpad = (K + 3) & ~3;
+  int* red = reinterpret_cast<int*>(smem);                                // [NW][512]
+  uint16_t* sidx = reinterpret_cast<uint16_t*>(smem + NW * kColsPerCta * 4);  // [Kpad]
+  int8_t* sq = reinterpret_cast<int8_t*>(sidx + Kpad);                    // [Kpad]
+  float* xs = reinterpret_cast<float*>(smem + NW * kColsPerCta * 4 + ((Kpad * 3 + 15) & ~15));  // [D]
+
+  // ---- 0. Constant inputs first (their latency hides behind the selection), then the dependent ones.
+  t1::EpilogueInputs<NT> e;
+  e.load_constants(a, sh);
+  t1::cluster_begin<NT>(a, sh);
+  constexpr bool kPrefetchNorm = NT <= 512;  // the 1024-thread variant has no registers to spare
+  float nw[kPrefetchNorm ? KPT : 1], v[KPT];
+  if constexpr (kPrefetchNorm) t1::load_norm_weights<NT, KPT>(a.sel, nw);
+  pdl::wait();  // everything below may read what the previous kernel wrote
+  e.load_residual(a);
+
+  // ---- 1-2. x (+ RMSNorm) into registers, gamma, and the selection rule.
+  const t1::Selection sel = t1::select<NT, KPT, kPrefetchNorm>(a.sel, nw, v, sh, xs, [](unsigned, unsigned) {});
+
+  // ---- 3. Ballot compaction into shared memory, in index order.
+  const unsigned lt = (1u << lane) - 1u;
+  const int base = warp * 32 * KPT + lane;
+  int pos = 0, eq_before = 0, need = 0;
+  if (!sel.exact) {
+    int gt_before = 0;
+    t1::tie_quota<NT, KPT>(v, sel, D, K, sh, &gt_before, &eq_before, &need);
+    pos = gt_before + min(eq_before, need);
+  } else {
+    // exact: per-warp counts of key >= lo give the offsets; no ties
+    int gt = 0;
+#pragma unroll
+    for (int j = 0; j < KPT; ++j)
+      gt += __popc(__ballot_sync(0xffffffffu, base + 32 * j < D && t1::key_of(v[j]) >= sel.lo));
+    if (lane == 0) sh.redi[0][warp] = gt;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < NW; ++w)
+      if (w < warp) pos += sh.redi[0][w];
+  }
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) {
+    const int i = base + 32 * j;
+    const bool valid = i < D;
+    const unsigned kj = t1::key_of(v[j]);
+    const bool g = valid && kj >= sel.lo, eqv = valid && kj == sel.tie;
+    const unsigned eb = __ballot_sync(0xffffffffu, eqv);
+    const bool take = g || (eqv && eq_before + __popc(eb & lt) < need);
+    const unsigned sb = __ballot_sync(0xffffffffu, take);
+    if (take) {
+      const int p = pos + __popc(sb & lt);
+      sidx[p] = static_cast<uint16_t>(i);
+      sq[p] = lin::quantize_one(v[j], sel.scale);
+    }
+    pos += __popc(sb);
+    eq_before += __popc(eb);
+  }
+  for (int i = K + tid; i < Kpad; i += NT) { sidx[i] = 0; sq[i] = 0; }
+  __syncthreads();
+  // The next kernel may launch only now, not at the start: its CTAs would sit resident on these SMs through
+  // the selection above, which is issue-bound (block-wide counts, 8-16 warps), and slow it. Measured on the
+  // H200: with the trigger first thing, the S = 0.6 decode step took 2.23 ms with PDL and 1.77 ms without.
+  pdl::launch_dependents();
+
+  // ---- 4. This CTA's share of the selected rows, 128 bytes of each, split among the warps.
+  const int groups = Kpad >> 2;
+  const int per = (groups + a.R - 1) / a.R;
+  const int g0 = blockIdx.y * per, g1 = min(groups, g0 + per);
+  const int byte0 = blockIdx.x * (kColsPerCta / 4) + lane * 4;
+  const bool col_ok = byte0 < a.RB;
+  const uint8_t* wb = a.packed + (col_ok ? byte0 : 0);
+  const size_t RB = static_cast<size_t>(a.RB);
+  const ushort4* sidx4 = reinterpret_cast<const ushort4*>(sidx);
+  const int* sq4 = reinterpret_cast<const int*>(sq);
+  int acc[16];
+#pragma unroll
+  for (int c = 0; c < 16; ++c) acc[c] = 0;
+  int sumq = 0;
+  constexpr int kUnroll = NT <= 256 ? 8 : 4;  // groups of 4 rows in flight per thread
+  for (int g = g0 + warp; g < g1; g += kUnroll * NW) {
+    unsigned w[kUnroll][4];
+    int q4[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int gg = g + u * NW;
+      q4[u] = 0;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) w[u][r] = 0u;
+      if (gg < g1) {
+        const ushort4 id = sidx4[gg];
+        q4[u] = sq4[gg];
+        if (col_ok) {
+          w[u][0] = lin::ld_stream_u32(wb + id.x * RB);
+          w[u][1] = lin::ld_stream_u32(wb + id.y * RB);
+          w[u][2] = lin::ld_stream_u32(wb + id.z * RB);
+          w[u][3] = lin::ld_stream_u32(wb + id.w * RB);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      sumq = __dp4a(q4[u], 0x01010101, sumq);
+      t1::accumulate4(acc, w[u][0], w[u][1], w[u][2], w[u][3], q4[u]);
+    }
+  }
+
+  // ---- 5. Reduce over warps and the cluster, then the epilogue.
+  t1::finish<NT>(a, acc, sumq, red, sh, e, sel.gamma);
+}
+
+template <int NT, int KPT>
+void launch_t1(const T1Args& a, int cc_major, cudaStream_t stream) {
+  constexpr int NW = NT / 32;
+  const int kpad = (a.sel.K + 3) & ~3;
+  const size_t smem = static_cast<size_t>(NW) * kColsPerCta * 4 + ((static_cast<size_t>(kpad) * 3 + 15) & ~15) +
+                      static_cast<size_t>(a.sel.norm_w != nullptr ? a.sel.D : 0) * 4;
+  auto kernel = gemv_t1_kernel<NT, KPT>;
+  static bool configured[64] = {};
+  int dev = 0;
+  QS_CUDA_CHECK(cudaGetDevice(&dev));
+  if (!configured[dev & 63]) {
+    QS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    if (cc_major >= 9) QS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    configured[dev & 63] = true;
+  }
+  t1::launch(kernel, a, NT, smem, cc_major, stream);
+  QS_LAUNCH_CHECK("gemv_t1_kernel");
+}
+
+}  // namespace
+
+// Variant 3 (linear_gemv_t1p.cu); returns false when its shared-memory tile does not fit (the caller then
+// runs variant 2).
+bool launch_gemv_t1p(const t1::T1Args& a, int cc_major, cudaStream_t stream, int threads);
+size_t gemv_t1p_smem_bytes(int D, int R, int threads);
+
+int gemv_t1_max_d() { return 1024 * 32; }
+
+void launch_gemv_t1(const SelectArgs& sel, const uint8_t* packed, int RB, const EpilogueArgs& ep, int nseg, int R,
+                    cudaStream_t stream, int threads, int variant) {
+  if (sel.T != 1) throw std::invalid_argument("gemv_t1: exactly one token");
+  if (sel.K < 1 || sel.K > sel.D) throw std::invalid_argument("gemv_t1: need 1 <= K <= D");
+  if (sel.D > gemv_t1_max_d()) throw std::invalid_argument("gemv_t1: D too large");
+  if (R < 1 || R > 16) throw std::invalid_argument("gemv_t1: R must be in 1..16");
+  if (variant != 2 && variant != 3) throw std::invalid_argument("gemv_t1: variant must be 2 or 3");
+  int dev = 0, cc_major = 0;
+  QS_CUDA_CHECK(cudaGetDevice(&dev));
+  QS_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+  if (nseg < 1 || nseg > 4) throw std::invalid_argument("gemv_t1: 1 to 4 segments");
+  T1Args a{sel, packed, RB, ep, cc_major >= 9 ? R : 1, nseg, 0};
+  if (variant == 3) {
+    if (!launch_gemv_t1p(a, cc_major, stream, threads))
+      throw std::invalid_argument("gemv_t1: variant 3's weight tile does not fit in shared memory at this D and R");
+    return;
+  }
+  // Kernel-lab shapes (bench/gemv_sweep.py --variants t1): other CTA sizes at BitNet-2B4T's widths.
+  if (threads == 512 && sel.D <= 512 * 5) return launch_t1<512, 5>(a, cc_major, stream);
+  if (threads == 512 && sel.D <= 512 * 14) return launch_t1<512, 14>(a, cc_major, stream);
+  if (threads != 0 && threads != 256 && !(threads == 1024 && sel.D > 256 * 32))
+    throw std::invalid_argument("gemv_t1: no variant with that many threads for this D");
+  // Values of x per thread sized to the common model widths (2560, 6912 = BitNet-2B4T), so the
+  // unrolled selection loops do not run over padding.
+  if (sel.D <= 256 * 8) launch_t1<256, 8>(a, cc_major, stream);
+  else if (sel.D <= 256 * 10) launch_t1<256, 10>(a, cc_major, stream);
+  else if (sel.D <= 256 * 16) launch_t1<256, 16>(a, cc_major, stream);
+  else if (sel.D <= 256 * 28) launch_t1<256, 28>(a, cc_major, stream);
+  else if (sel.D <= 256 * 32) launch_t1<256, 32>(a, cc_major, stream);
+  else launch_t1<1024, 32>(a, cc_major, stream);
+}
+
+
+}  // namespace qsparse

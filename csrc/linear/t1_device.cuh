@@ -1,0 +1,341 @@
+// Device pieces shared by the one-token gather-GEMV variants (linear_gemv_t1.cu = variant 2,
+// linear_gemv_t1p.cu = variant 3): the selection from registers, the 4-row dp4a step, and the reduction +
+// epilogue through a thread-block cluster. Included by those two files only.
+//
+// Selection (exact, ties to the lower index): a thread holds KPT values of x (+ RMSNorm); value j of thread
+// (warp, lane) is channel warp*32*KPT + 32j + lane. The K-th largest key (|x| as fp32 bits) is found by
+// bisection, 2 bits a step, each step one block-wide count of three candidate thresholds packed into two
+// words. It stops as soon as a candidate has exactly K keys at or above it: the top-K is then every key >= it,
+// with no tie to resolve (near the K-th value neighbouring keys differ by ~1e-3 relative, so that happens ~10
+// key bits down instead of after all 31). The result is a rule: selected iff key >= lo, or key == tie among
+// the first (K - count(key >= lo)) such channels by index.
+#pragma once
+#include <cooperative_groups.h>
+
+#include "common/common.cuh"
+#include "linear/device.cuh"
+#include "common/pdl.cuh"
+
+namespace qsparse {
+namespace t1 {
+
+namespace cg = cooperative_groups;
+
+constexpr int kColsPerCta = 512;  // 32 lanes x 4 bytes x 4 columns per byte
+constexpr unsigned kNoTie = 0xffffffffu;  // no key (|x| bits < 2^31) equals it
+
+struct T1Args {
+  SelectArgs sel;       // x, x_bf16, norm_w, eps, D, K (T = 1)
+  const uint8_t* packed;
+  int RB;               // bytes per packed row
+  EpilogueArgs ep;
+  int R;                // CTAs per column block (cluster size along y)
+  int nseg;             // number of betas (segments)
+  int rows_per_cta;     // variant 3: channels (weight rows) per CTA, a multiple of 4
+};
+
+// Block-wide sums of two packed per-thread counters; parity double-buffers `red` so one barrier per call
+// suffices (a thread can only overwrite a buffer after every thread has passed the barrier that
+// follows the last reads of it).
+template <int NT>
+__device__ __forceinline__ uint2 block_sum2(unsigned a, unsigned b, uint2* red, int parity) {
+  a = __reduce_add_sync(0xffffffffu, a);
+  b = __reduce_add_sync(0xffffffffu, b);
+  if ((threadIdx.x & 31) == 0) red[parity * 32 + (threadIdx.x >> 5)] = make_uint2(a, b);
+  __syncthreads();
+  uint2 s = make_uint2(0u, 0u);
+#pragma unroll
+  for (int w = 0; w < NT / 32; ++w) {
+    const uint2 v = red[parity * 32 + w];
+    s.x += v.x;
+    s.y += v.y;
+  }
+  return s;
+}
+
+template <int NT>
+__device__ __forceinline__ float block_max(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float m = red[0];
+#pragma unroll
+  for (int w = 1; w < NT / 32; ++w) m = fmaxf(m, red[w]);
+  return m;
+}
+
+// acc[4b + j] += code(row r, column 4b + j of this lane's word) * q_r over the 4 rows r. Codes are t+1: per
+// group of 4 rows the words are byte-transposed (__byte_perm) so one word holds one byte of 4 rows, then
+// column j of the byte is (word & 0x03030303 << 2j) = code * 4^j, dotted with the 4 int8 q by dp4a.u32.s32;
+// shifting back and subtracting sum(q) gives sum(t * q) exactly (t1_finish).
+__device__ __forceinline__ void accumulate4(int (&acc)[16], unsigned w0, unsigned w1, unsigned w2, unsigned w3,
+                                            int q4) {
+  unsigned tr[4];
+  lin::transpose_rows4(w0, w1, w2, w3, tr);
+#pragma unroll
+  for (int b = 0; b < 4; ++b)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[4 * b + j] = lin::dp4a_us(tr[b] & (0x03030303u << (2 * j)), q4, acc[4 * b + j]);
+}
+
+// Shared memory of the selection and the reduction (static; the kernels add their own dynamic part).
+struct Shared {
+  uint2 cnt[64];
+  float redf[32];
+  int redi[2][32];
+  float scales[4];
+  int cred[kColsPerCta];  // the cluster's column sums (used in its first CTA)
+};
+
+// The epilogue's per-thread inputs in the leader CTA (blockIdx.y == 0): its columns' map entries (constant,
+// loaded before pdl::wait) and, for the residual epilogue, the residual values (loaded after it).
+template <int NT>
+struct EpilogueInputs {
+  static constexpr int CPT = (kColsPerCta + NT - 1) / NT;  // epilogue columns per thread
+  int info[CPT];
+  float res[CPT];
+
+  __device__ __forceinline__ void load_constants(const T1Args& a, Shared& sh) {
+    const bool lead_cta = blockIdx.y == 0;
+#pragma unroll
+    for (int u = 0; u < CPT; ++u) {
+      const int c = threadIdx.x + u * NT, col = blockIdx.x * kColsPerCta + c;
+      info[u] = -1;
+      res[u] = 0.f;
+      if (lead_cta && c < kColsPerCta && col < a.RB * 4) info[u] = __ldg(a.ep.colinfo + col);
+    }
+    if (threadIdx.x < a.nseg && threadIdx.x < 4) sh.scales[threadIdx.x] = __ldg(a.ep.scales + threadIdx.x);
+  }
+  __device__ __forceinline__ void load_residual(const T1Args& a) {
+#pragma unroll
+    for (int u = 0; u < CPT; ++u)
+      if (a.ep.epi == kEpiResidual && info[u] >= 0) res[u] = a.ep.residual[lin::epilogue_offset(a.ep, 0, info[u])];
+  }
+};
+
+// Zero this CTA's cluster accumulator and release it to the cluster; the matching wait (in t1_finish) comes
+// long after every CTA has arrived here.
+template <int NT>
+__device__ __forceinline__ void cluster_begin(const T1Args& a, Shared& sh) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (a.R > 1) {
+    for (int c = threadIdx.x; c < kColsPerCta; c += NT) sh.cred[c] = 0;
+    asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
+  }
+#endif
+}
+
+// Norm weights for this thread's channels (constant: may be loaded before pdl::wait).
+template <int NT, int KPT>
+__device__ __forceinline__ void load_norm_weights(const SelectArgs& s, float (&nw)[KPT]) {
+  const int base = (threadIdx.x >> 5) * 32 * KPT + (threadIdx.x & 31);
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) {
+    const int i = base + 32 * j;
+    nw[j] = (s.norm_w != nullptr && i < s.D) ? __ldg(s.norm_w + i) : 0.f;
+  }
+}
+
+struct Selection {
+  float gamma, scale;
+  unsigned lo, tie;
+  bool exact;  // no tie to resolve: exactly K keys are >= lo
+};
+
+// x (+ RMSNorm) into v[], gamma and the quantization scale, then the selection rule. Call after pdl::wait.
+// on_step(vk, n) runs after every bisection step, block-uniformly, with the current lower bound vk and
+// n = count(key >= vk) (>= K): the final selection is a subset of {key >= vk}.
+// xs: D floats of shared memory, used for the norm's sum of squares: it is formed in exactly the order of
+// lin::load_row (256 strided partials, then lin::block_reduce_sum), so every kernel that fuses the norm
+// (this one, variant 1, the select kernel in front of the GEMM) normalizes bit-identically, and a row's
+// result does not depend on which of them served it (batched decode relies on that).
+template <int NT, int KPT, bool kPrefetchedNorm, typename OnStep>
+__device__ __forceinline__ Selection select(const SelectArgs& s, const float (&nw)[kPrefetchedNorm ? KPT : 1],
+                                            float (&v)[KPT], Shared& sh, float* xs, OnStep on_step) {
+  static_assert(NT >= 256, "the canonical sum of squares uses 256 partial sums");
+  const int D = s.D, K = s.K;
+  const int base = (threadIdx.x >> 5) * 32 * KPT + (threadIdx.x & 31);
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) {
+    const int i = base + 32 * j;
+    v[j] = i < D ? lin::load_x(s.x, s.x_bf16, i) : 0.f;
+  }
+  if (s.norm_w != nullptr) {
+#pragma unroll
+    for (int j = 0; j < KPT; ++j)
+      if (base + 32 * j < D) xs[base + 32 * j] = v[j];
+    __syncthreads();
+    float ss = 0.f;
+    if (threadIdx.x < 256)
+      for (int i = threadIdx.x; i < D; i += 256) ss = __fmaf_rn(xs[i], xs[i], ss);
+    const float total = lin::block_reduce_sum<NT>(ss, sh.redf);
+    // Same op order as reference.RMSNorm: x * rsqrt(mean(x^2) + eps) * w (summation order differs).
+    const float inv = rsqrtf(__fadd_rn(__fdiv_rn(total, static_cast<float>(D)), s.eps));
+#pragma unroll
+    for (int j = 0; j < KPT; ++j) {
+      const int i = base + 32 * j;
+      float w;
+      if constexpr (kPrefetchedNorm) w = nw[j];
+      else w = i < D ? __ldg(s.norm_w + i) : 0.f;
+      v[j] = __fmul_rn(__fmul_rn(v[j], inv), w);
+    }
+    __syncthreads();  // redf is reused below
+  }
+  float m = 0.f;
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) m = fmaxf(m, fabsf(v[j]));
+  Selection r;
+  r.gamma = fmaxf(block_max<NT>(m, sh.redf), lin::kAbsmaxEps);
+  r.scale = __fmul_rn(__frcp_rn(r.gamma), 127.f);  // = torch's 127.0 / gamma (see linear_device.cuh)
+
+  // Bisection. Invariant: count(key >= vk) >= K. Padding is 0 and never counted (candidates are >= 1).
+  auto key = [&](int j) { return __float_as_uint(fabsf(v[j])); };
+  unsigned vk = 0u;
+  bool exact = false;
+  if (K < D) {
+    const int hb = 31 - __clz(__float_as_uint(r.gamma) | 1u);  // no key has a bit above gamma's top bit
+    const unsigned uK = static_cast<unsigned>(K);
+    int parity = 0;
+    for (int b = hb & ~1; b >= 0; b -= 2, parity ^= 1) {
+      const unsigned c1 = vk | (1u << b), c2 = vk | (2u << b), c3 = vk | (3u << b);
+      // key >= c  <=>  key > c - 1  <=>  bit 31 of (c - 1 - key): keys and c - 1 are < 2^31 (c is clamped:
+      // at b = 30, c3 = 3 << 30 exceeds every key, and c = 2^31 gives c - 1 = 0x7fffffff, never exceeded).
+      // One subtract and one shift-add per count (the compare + select form took ~12 instructions per key,
+      // and the bisection is issue-bound: 8-16 warps x KPT keys x 3 counts per step).
+      const unsigned m1 = min(c1, 0x80000000u) - 1u, m2 = min(c2, 0x80000000u) - 1u;
+      const unsigned m3 = min(c3, 0x80000000u) - 1u;
+      unsigned pa = 0u, pb = 0u;
+#pragma unroll
+      for (int j = 0; j < KPT; ++j) {
+        pa += ((m1 - key(j)) >> 31) + (((m2 - key(j)) >> 31) << 16);
+        pb += (m3 - key(j)) >> 31;
+      }
+      const uint2 t = block_sum2<NT>(pa, pb, sh.cnt, parity);  // 16-bit fields: D <= 65535
+      const unsigned n1 = t.x & 0xffffu, n2 = t.x >> 16, n3 = t.y;
+      unsigned n = 0u;  // count(key >= new vk), when vk moved
+      if (n3 >= uK) { vk = c3; n = n3; }
+      else if (n2 >= uK) { vk = c2; n = n2; }
+      else if (n1 >= uK) { vk = c1; n = n1; }
+      if (n == uK) { exact = true; break; }  // block-uniform: every thread holds the same sums
+      if (n != 0u) on_step(vk, n);
+    }
+  }
+  // With K == D every channel is in: vk = 0, so every key >= 0 is a "tie" and all of them are taken.
+  r.exact = exact;
+  r.lo = exact ? vk : vk + 1u;  // vk <= 0x7fffffff: no overflow
+  r.tie = exact ? kNoTie : vk;
+  return r;
+}
+
+__device__ __forceinline__ unsigned key_of(float v) { return __float_as_uint(fabsf(v)); }
+
+// Per-warp counts (selected for sure, ties) -> this warp's tie offset and the tie quota. Not needed (and
+// skipped) when the selection is exact: then nothing is a tie.
+template <int NT, int KPT>
+__device__ __forceinline__ void tie_quota(const float (&v)[KPT], const Selection& sel, int D, int K, Shared& sh,
+                                          int* gt_before, int* eq_before, int* need) {
+  constexpr int NW = NT / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int base = warp * 32 * KPT + lane;
+  int gt = 0, eq = 0;
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) {
+    const bool valid = base + 32 * j < D;
+    gt += __popc(__ballot_sync(0xffffffffu, valid && key_of(v[j]) >= sel.lo));
+    eq += __popc(__ballot_sync(0xffffffffu, valid && key_of(v[j]) == sel.tie));
+  }
+  if (lane == 0) { sh.redi[0][warp] = gt; sh.redi[1][warp] = eq; }
+  __syncthreads();
+  int gb = 0, eb = 0, gt_total = 0;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) {
+    gt_total += sh.redi[0][w];
+    if (w < warp) { gb += sh.redi[0][w]; eb += sh.redi[1][w]; }
+  }
+  *gt_before = gb;
+  *eq_before = eb;
+  *need = K - gt_total;  // ties to take, lowest indices first
+}
+
+// Reduce the per-thread column accumulators (acc: this lane's 16 columns) over the CTA's warps and the
+// cluster's CTAs, then the leader CTA runs the shared epilogue. `red` is NW x 512 ints of shared memory.
+// Each non-leader CTA pushes its column sums into the leader's accumulator with distributed-shared-memory
+// atomics (fire-and-forget, order-free in int32: exact), then one cluster barrier. No second barrier: nobody
+// reads another CTA's shared memory after it, and the leader (whose memory the others wrote) runs last.
+template <int NT>
+__device__ __forceinline__ void finish(const T1Args& a, const int (&acc)[16], int sumq, int* red, Shared& sh,
+                                       const EpilogueInputs<NT>& e, float gamma) {
+  constexpr int NW = NT / 32;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int4* mine = reinterpret_cast<int4*>(red + warp * kColsPerCta + lane * 16);
+#pragma unroll
+  for (int c4 = 0; c4 < 4; ++c4) {
+    int o[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int idx = 4 * c4 + c;
+      o[c] = (acc[idx] >> (2 * (idx & 3))) - sumq;  // exact: acc is a multiple of 4^(idx & 3)
+    }
+    mine[c4] = make_int4(o[0], o[1], o[2], o[3]);
+  }
+  __syncthreads();
+  int* sums = red;  // where the leader reads the complete column sums
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::cluster_group cluster = cg::this_cluster();
+  const bool clustered = a.R > 1;
+  if (clustered) {
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // every CTA's cred is zeroed (cluster_begin)
+    int* dst = cluster.map_shared_rank(sh.cred, 0);
+    for (int c = tid; c < kColsPerCta; c += NT) {
+      int s = 0;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) s += red[w * kColsPerCta + c];
+      atomicAdd(dst + c, s);  // result unused: compiled to a fire-and-forget reduction
+    }
+    cluster.sync();  // all adds done and visible to the leader
+    sums = sh.cred;
+  }
+  const bool leader = !clustered || cluster.block_rank() == 0;
+#else
+  const bool clustered = false;
+  const bool leader = true;  // launched with R == 1 below sm_90
+#endif
+  if (!clustered) {
+    for (int c = tid; c < kColsPerCta; c += NT) {
+      int s = 0;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) s += red[w * kColsPerCta + c];
+      red[c] = s;  // column c is summed by this thread only: in place is safe
+    }
+  }
+  if (!leader) return;
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < EpilogueInputs<NT>::CPT; ++u) {
+    const int c = tid + u * NT, col = blockIdx.x * kColsPerCta + c;
+    if (c >= kColsPerCta || col >= a.RB * 4) continue;
+    const int acc_c = sums[c];
+    const int acc16 = c + 16 < kColsPerCta ? sums[c + 16] : 0;
+    if (a.ep.raw) a.ep.raw[col] = acc_c;
+    if (e.info[u] >= 0)
+      lin::epilogue_apply(a.ep, lin::epilogue_offset(a.ep, 0, e.info[u]), col, e.info[u], acc_c, acc16, gamma,
+                          sh.scales, e.res[u]);
+  }
+}
+
+// Launch a one-token kernel with its cluster shape (sm_90) and programmatic dependent launch.
+template <typename Kernel>
+void launch(Kernel kernel, const T1Args& a, int nt, size_t smem, int cc_major, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((a.RB * 4 + kColsPerCta - 1) / kColsPerCta, a.R, 1);
+  cfg.blockDim = dim3(nt, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  cfg.numAttrs = pdl::add_attr(attr, add_cluster_y_attr(attr, 0, a.R, cc_major));
+  cfg.attrs = attr;
+  QS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
+}
+
+}  // namespace t1
+}  // namespace qsparse

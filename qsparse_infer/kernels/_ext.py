@@ -1,0 +1,69 @@
+"""Access to the compiled CUDA extension, with clear errors where it or a GPU is missing."""
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+
+@functools.cache
+def ext() -> ModuleType:
+    """The compiled module qsparse_infer._C. It imports without a GPU; its GPU functions then raise."""
+    try:
+        from .. import _C  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise RuntimeError(missing_extension_reason()) from e
+    if os.environ.get("QSPARSE_PDL", "1") == "0":  # programmatic dependent launch off (to measure it)
+        _C.set_pdl(False)
+    return _C
+
+
+def built_without_cuda() -> bool:
+    """True when the install deliberately left _C out (no nvcc at install time: CMakeLists.txt says so)."""
+    try:
+        from .. import _build_info  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    return not _build_info.CUDA_EXTENSION
+
+
+def missing_extension_reason() -> str:
+    """Why qsparse_infer._C cannot be imported, in one sentence with what to do."""
+    try:
+        from .. import _build_info  # type: ignore[attr-defined]  # written by CMakeLists.txt at install time
+    except ImportError:
+        return ("qsparse_infer._C (the CUDA extension) is not built into this installation. Install the package "
+                "with `pip install .` from the repository root; importing the source tree directly has no _C.")
+    if not _build_info.CUDA_EXTENSION:
+        return (f"qsparse_infer was installed without its CUDA extension ({_build_info.REASON}); install the CUDA "
+                f"toolkit and reinstall with `pip install .` for the GPU path")
+    return "qsparse_infer._C (the CUDA extension) was built but does not import: reinstall the package"
+
+
+def gpu_available() -> bool:
+    """True when both torch and our extension can see a CUDA GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return ext().gpu_count() > 0
+    except RuntimeError:
+        return False
+
+
+CPU_HINT = "to run on the CPU instead, pass --device cpu (in Python: device=\"cpu\")"
+
+
+def require_gpu(cpu_hint: str = CPU_HINT) -> None:
+    """Raise RuntimeError naming what is missing (extension, driver or device), then `cpu_hint`: what to do
+    instead, in the words of the caller (the CLI and Python spell the CPU option differently)."""
+    import torch
+
+    try:
+        ext().require_gpu()
+    except RuntimeError as e:
+        reason = str(e).split("; use device=")[0]  # the extension's own advice is Python-only
+        raise RuntimeError(f"{reason}; {cpu_hint}") from None
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"torch cannot see a CUDA GPU (CPU-only torch build?); {cpu_hint}")

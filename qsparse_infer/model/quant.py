@@ -1,0 +1,114 @@
+"""The quantization math (the spec every kernel must match); the engine format's packing is `packing.py`.
+
+BitLinear, as Q-Sparse runs it at inference, for one token x of D channels and K = topk_count(D, S):
+  gamma = max(max|x|, 1e-5)                      # per-token absmax
+  q     = clip(round_half_even(x * (127 / gamma)), -128, 127)   # int8, in fp32 arithmetic
+  keep the K channels of largest |x| (ties: the lower index wins), zero the rest
+  acc   = sum_k q[k] * T[n, k]                    # int32, exact
+  y[n]  = acc * (gamma * beta / 127)              # beta: the per-tensor absmean weight scale
+The largest |x| is always kept (K >= 1), so quantizing before or after the mask gives the same scale.
+"""
+from __future__ import annotations
+
+import torch
+
+ABSMAX_EPS = 1e-5
+WEIGHT_EPS = 1e-5
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+
+def absmax_gamma(x: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax, clamped away from zero; shape [..., 1], float32."""
+    return x.float().abs().amax(dim=-1, keepdim=True).clamp(min=ABSMAX_EPS)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8 quantization. Returns (q as int8, gamma [..., 1] float32)."""
+    x = x.float()
+    gamma = absmax_gamma(x)
+    scale = 127.0 / gamma
+    q = torch.round(x * scale).clamp(-128, 127)  # torch.round is round-half-to-even
+    return q.to(torch.int8), gamma
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest |x| along the last dim, ascending. Ties go to the lower index.
+
+    A stable descending sort keeps equal keys in index order, which is exactly the tie rule.
+    """
+    if not 0 <= k <= x.shape[-1]:
+        raise ValueError(f"k={k} out of range for dimension {x.shape[-1]}")
+    keys = x.float().abs()
+    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(order, dim=-1).values
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the channels topk_indices keeps."""
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    if k == x.shape[-1]:
+        return mask.fill_(True)
+    return mask.scatter_(-1, topk_indices(x, k), True)
+
+
+def quantize_sparse_int8(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 activations with only the top-k channels kept (others 0), and gamma [..., 1]."""
+    q, gamma = quantize_int8(x)
+    if k < x.shape[-1]:
+        q = torch.where(topk_mask(x, k), q, torch.zeros_like(q))
+    return q, gamma
+
+
+def bitlinear(x: torch.Tensor, ternary: torch.Tensor, beta: torch.Tensor | float, k: int) -> torch.Tensor:
+    """Reference BitLinear: x [..., D] float, ternary [N, D] in {-1,0,1}, beta scalar. Returns fp32 [..., N]."""
+    q, gamma = quantize_sparse_int8(x, k)
+    acc = int_matmul(q, ternary)
+    beta = torch.as_tensor(beta, dtype=torch.float32, device=x.device)
+    return acc.float() * (gamma * beta / 127.0)
+
+
+def int_matmul(q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
+    """Exact int32 q @ ternary.T. fp32 matmul is exact while |partial sums| < 2**24, i.e. D <= 132k."""
+    if q.shape[-1] > 132_000:
+        raise ValueError("int_matmul: reduction dimension too large for exact fp32 accumulation")
+    return (q.float() @ ternary.float().t()).round().to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+def ternarize_absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet b1.58 absmean: beta = mean|W|, T = clip(round(W / beta), -1, 1).
+
+    Computed as W * (1 / beta), the way transformers' WeightQuant does, so ties round identically.
+    Returns (T as int8 [N, D], beta as float32 scalar tensor).
+    """
+    w = w.float()
+    beta = w.abs().mean().clamp(min=WEIGHT_EPS)
+    t = torch.round(w * (1.0 / beta)).clamp(-1, 1).to(torch.int8)
+    return t, beta
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face BitNet offline packing (read by the converter only)
+# ---------------------------------------------------------------------------------------------
+
+
+def unpack_hf_bitnet(packed: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
+    """transformers' BitNet layout: uint8 [N/4, D]; byte [r, c] holds rows r, r+N/4, r+N/2, r+3N/4 at bits
+    0-1, 2-3, 4-5, 6-7, as value + 1. Returns int8 [N, D]."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"expected a 2-D uint8 packed BitNet weight, got {packed.dtype} {tuple(packed.shape)}")
+    p = packed.to(torch.int16)
+    parts = [((p >> (2 * j)) & 3) - 1 for j in range(4)]
+    full = torch.cat(parts, dim=0).to(torch.int8)
+    if out_features is not None:
+        if out_features > full.shape[0]:
+            raise ValueError(f"packed weight holds {full.shape[0]} rows, fewer than out_features={out_features}")
+        full = full[:out_features]
+    return full
