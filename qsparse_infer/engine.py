@@ -167,7 +167,7 @@ def _pick_device(device: str) -> str:
     if device == "auto":
         if _ext.gpu_available():
             return "cuda"
-        what = ("this installation has no CUDA extension (no nvcc when it was installed)" if _ext.built_without_cuda()
+        what = ("this installation has no CUDA extension (built without nvcc)" if _ext.built_without_cuda()
                 else "no CUDA GPU (or no compiled extension) available")
         warnings.warn(f"{what}: running the CPU reference model, which is slow", stacklevel=3)
         return "cpu"

@@ -19,7 +19,7 @@ def ext() -> ModuleType:
 
 
 def built_without_cuda() -> bool:
-    """True when the install deliberately left _C out (no nvcc at install time: CMakeLists.txt says so)."""
+    """True when the install left _C out on purpose (no nvcc at install time, or QSPARSE_BUILD_CUDA=OFF)."""
     try:
         from .. import _build_info  # type: ignore[attr-defined]
     except ImportError:
