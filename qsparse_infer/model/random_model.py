@@ -24,6 +24,10 @@ SHAPES: dict[str, ModelConfig] = {
     "8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                       num_kv_heads=8, head_dim=128, max_seq_len=8192, rope_theta=500000.0, activation="silu",
                       attn_sub_norm=False, ffn_sub_norm=False, tie_word_embeddings=False),
+    # Llama-3-70B-like, untied: ~17 GB packed ternary + 2.1 GB head + 2.1 GB embeddings, one H200
+    "70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                       num_kv_heads=8, head_dim=128, max_seq_len=8192, rope_theta=500000.0, activation="silu",
+                       attn_sub_norm=False, ffn_sub_norm=False, tie_word_embeddings=False),
 }
 
 
