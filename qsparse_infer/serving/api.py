@@ -1,34 +1,55 @@
 """The OpenAI-compatible HTTP API (FastAPI): /v1/completions, /v1/chat/completions (both with SSE streaming),
-/v1/models, /health and /metrics. It knows only the scheduler's API: requests go in through `submit`, events
-come back through a thread-safe hop onto the event loop, and a client that goes away cancels its request.
+/v1/models, /health, /metrics (Prometheus text) and /metrics/json. It knows only the scheduler's API:
+requests go in through `submit`, events come back through a thread-safe hop onto the event loop
+(generations.py), and a client that goes away cancels its request.
+
+Layers of one HTTP request, outside in: RequestLog (one log line; added by whoever runs the server) ->
+ResponseCounter (metrics) -> RequestGuard (Content-Type, body limit while reading: guards.py) -> FastAPI
+(strict pydantic bodies: protocol.py) -> the routes below. Work that can take long on a large input
+(tokenization, chat templates) runs in a small thread pool, never on the event loop, so /health answers while
+a 10 MB prompt is tokenized.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generate.sampling import SamplingSettings
-from .protocol import APIError, ChatRequest, CompletionRequest
-from .scheduler import Delta, Finished, GenerationRequest, QueueFull, Scheduler
+from . import metrics as metrics_mod
+from .generations import Choice, Generations
+from .guards import RequestGuard
+from .protocol import APIError, ChatRequest, CompletionRequest, MAX_CHOICES, printable
+from .scheduler import Delta, Finished, GenerationRequest, Scheduler
 
 log = logging.getLogger("qsparse.serve")
+
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2 ** 20
+INLINE_TOKENIZE_CHARS = 4096  # shorter prompts are tokenized on the event loop (a thread hop costs more)
+_REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
+_SETTINGS_FIELDS = {f.name for f in dataclasses.fields(SamplingSettings)}
 
 
 def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | None = None,
                memory: Callable[[], dict[str, Any]] | None = None, reset_peak: Callable[[], None] | None = None,
-               manage_scheduler: bool = True) -> FastAPI:
+               manage_scheduler: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               tokenizer_threads: int = 2) -> FastAPI:
     """The app for one model. With manage_scheduler the app starts the scheduler's thread on startup and
-    stops it on shutdown. `memory()` adds device memory figures to /health and /metrics."""
+    stops it on shutdown. `memory()` adds device memory figures to /health and /metrics/json."""
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+    pool = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="qsparse-tokenize")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -37,10 +58,19 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
         yield
         if manage_scheduler:
             scheduler.shutdown()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="qsparse-infer", lifespan=lifespan)
     app.state.scheduler = scheduler
+    metrics = metrics_mod.ServingMetrics(model_name, scheduler.stats)
+    app.state.metrics = metrics
+    app.add_middleware(RequestGuard, max_body_bytes=max_request_bytes)
+    app.add_middleware(metrics_mod.ResponseCounter, metrics=metrics)
     created = int(time.time())
+    vocab = getattr(scheduler.runner, "vocab_size", None)
+
+    async def off_loop(fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     # -- errors: always the OpenAI shape, never a traceback --------------------------------------
 
@@ -50,15 +80,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        if first.get("type") == "json_invalid":
-            err = APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
-        else:
-            loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-            param = ".".join(loc) or None
-            err = APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
-        return JSONResponse(err.body(), status_code=400)
+        return JSONResponse(validation_error(e.errors()).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -81,7 +103,15 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
         return status()
 
     @app.get("/metrics")
-    async def metrics() -> dict[str, Any]:
+    async def prometheus_metrics() -> Response:
+        if metrics.disabled:
+            raise APIError(503, "Prometheus metrics need prometheus-client: pip install prometheus-client "
+                                "(the same figures as JSON: /metrics/json)", "server_error")
+        payload, ctype = metrics.render()
+        return Response(payload, media_type=ctype)
+
+    @app.get("/metrics/json")
+    async def metrics_json() -> dict[str, Any]:
         return status()
 
     @app.post("/metrics/reset_peak")
@@ -95,45 +125,97 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "qsparse-infer", "max_model_len": scheduler.context_len}]}
 
-    # -- generation ------------------------------------------------------------------------------
+    # -- request checks ----------------------------------------------------------------------------
 
     def check_common(body: CompletionRequest | ChatRequest) -> None:
         if body.model != model_name:
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{model_name}'",
                            "not_found_error", "model", "model_not_found")
-        if body.n != 1:
-            raise APIError(400, "only n = 1 is supported", param="n")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(body, name) != 0:
-                raise APIError(400, f"{name} is not supported (only 0); use the extension field "
-                                    f"repetition_penalty (multiplicative) instead", param=name)
         if body.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        if body.stop_token_ids and vocab is not None:
+            bad = [i for i in body.stop_token_ids if i >= vocab]
+            if bad:
+                raise APIError(400, f"stop_token_ids: {bad[0]} is not a token id of this model (vocabulary of "
+                                    f"{vocab})", param="stop_token_ids")
+        for name, value, field_set in (("frequency_penalty", body.frequency_penalty, _SETTINGS_FIELDS),
+                                       ("presence_penalty", body.presence_penalty, _SETTINGS_FIELDS),
+                                       ("stop_token_ids", body.stop_token_ids, _REQUEST_FIELDS)):
+            if value and name not in field_set:
+                raise APIError(400, f"{name} is not supported by this server's scheduler", param=name)
 
-    def make_request(body: CompletionRequest | ChatRequest, ids: list[int], max_tokens: int | None) -> GenerationRequest:
+    def settings_for(body: CompletionRequest | ChatRequest, seed: int | None) -> SamplingSettings:
+        kw: dict[str, Any] = dict(temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
+                                  repetition_penalty=body.repetition_penalty, seed=seed)
+        for name in ("frequency_penalty", "presence_penalty"):
+            if name in _SETTINGS_FIELDS:
+                kw[name] = getattr(body, name)
         try:
-            settings = SamplingSettings(body.temperature, body.top_k, body.top_p, body.repetition_penalty, body.seed)
+            return SamplingSettings(**kw)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+
+    def requests_for(body: CompletionRequest | ChatRequest, prompts: list[list[int]], max_tokens: int | None,
+                     logprobs: int | None, prompt_logprobs: bool) -> list[GenerationRequest]:
+        """n requests per prompt, with distinct seeds (seed + i when a seed is given, else each its own)."""
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n = {body.n} is more than {MAX_CHOICES} choices "
+                                f"in one request", param="n")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return GenerationRequest(ids, settings, max_tokens, stop, body.ignore_eos)
+        extra: dict[str, Any] = {}
+        if "stop_token_ids" in _REQUEST_FIELDS:
+            extra["stop_token_ids"] = list(body.stop_token_ids or [])
+        if "logprobs" in _REQUEST_FIELDS:
+            extra["logprobs"] = logprobs
+        elif logprobs is not None:
+            raise APIError(400, "logprobs are not supported by this server's scheduler", param="logprobs")
+        if "prompt_logprobs" in _REQUEST_FIELDS:
+            extra["prompt_logprobs"] = prompt_logprobs
+        elif prompt_logprobs:
+            raise APIError(400, "echo with logprobs is not supported by this server's scheduler", param="echo")
+        out = []
+        for ids in prompts:
+            for i in range(body.n):
+                seed = None if body.seed is None else (body.seed + i) & ((1 << 64) - 1)
+                out.append(GenerationRequest(ids, settings_for(body, seed), max_tokens, stop, body.ignore_eos,
+                                             **extra))
+        return out
+
+    async def tokenize(prompt: str) -> list[int]:
+        try:
+            if len(prompt) <= INLINE_TOKENIZE_CHARS:
+                return scheduler.encode(prompt)
+            return await off_loop(scheduler.encode, prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+
+    async def completion_prompts(prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [await tokenize(prompt)]
+        if prompt and isinstance(prompt[0], int):
+            return [list(prompt)]
+        return [await tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
+
+    # -- generation ------------------------------------------------------------------------------
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_common(body)
-        if body.echo or body.suffix or (body.best_of or 1) != 1:
-            raise APIError(400, "echo, suffix and best_of are not supported")
-        ids = prompt_ids(scheduler, body.prompt)
-        gen = _submit(scheduler, make_request(body, ids, body.max_tokens), request)
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, "best_of is not supported (only best_of = n)", param="best_of")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo, to score the prompt)",
+                           param="max_tokens")
+        prompts = await completion_prompts(body.prompt)
+        prompt_texts = [decode(scheduler, p) for p in prompts] if body.echo else None
+        reqs = requests_for(body, prompts, body.max_tokens, body.logprobs,
+                            prompt_logprobs=body.echo and body.logprobs is not None)
+        gens = Generations(scheduler, metrics, reqs, request.is_disconnected)
         rid = f"cmpl-{uuid.uuid4().hex}"
-
-        def choice(text: str, finish: str | None, tokens: list[int]) -> dict[str, Any]:
-            c = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            if body.return_token_ids:
-                c["token_ids"] = tokens
-            return c
 
         def envelope(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
             out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
@@ -142,158 +224,166 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
                 out["usage"] = usage
             return out
 
+        def prefix(c: Choice) -> str:
+            return prompt_texts[c.index // body.n] if prompt_texts is not None else ""
+
         if body.stream:
-            return _sse(gen, lambda d: envelope([choice(d.text, None, d.token_ids)]),
-                        lambda f: envelope([choice("", f.reason, [])]),
-                        lambda u: envelope([], u), body.stream_options and body.stream_options.include_usage)
-        text, tokens, end = await gen.collect()
-        return envelope([choice(text, end.reason, tokens)], _usage(end))
+            sent_prefix: set[int] = set()
+
+            def delta_chunk(c: Choice, d: Delta) -> dict[str, Any]:
+                text = d.text
+                if prompt_texts is not None and c.index not in sent_prefix:
+                    sent_prefix.add(c.index)
+                    text = prefix(c) + text
+                out = {"index": c.index, "text": text, "logprobs": None, "finish_reason": None}
+                if body.return_token_ids:
+                    out["token_ids"] = d.token_ids
+                return envelope([out])
+
+            def finish_chunk(c: Choice, f: Finished) -> dict[str, Any]:
+                out = {"index": c.index, "text": "", "logprobs": None, "finish_reason": f.reason}
+                if prompt_texts is not None and c.index not in sent_prefix:
+                    sent_prefix.add(c.index)
+                    out["text"] = prefix(c)
+                if body.return_token_ids:
+                    out["token_ids"] = []
+                return envelope([out])
+
+            return sse(gens, delta_chunk, finish_chunk, lambda u: envelope([], u), include_usage(body), prompts,
+                       request)
+        choices = await gens.collect()
+        note_usage(request, gens, prompts)
+        out = []
+        for c in choices:
+            ch = {"index": c.index, "text": prefix(c) + "".join(c.text), "logprobs": None,
+                  "finish_reason": c.end.reason}
+            if body.return_token_ids:
+                ch["token_ids"] = c.token_ids
+            out.append(ch)
+        return envelope(out, gens.usage(prompts))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_common(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = [{**m.model_dump(exclude_none=True),
                      "content": m.content if isinstance(m.content, str) or m.content is None
                      else "".join(p.text for p in m.content)} for m in body.messages]
-        try:
-            ids = scheduler.chat_ids(messages)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        gen = _submit(scheduler, make_request(body, ids, max_tokens), request)
+        ids = await chat_prompt(messages)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        gens = Generations(scheduler, metrics, requests_for(body, [ids], max_tokens, logprobs, False),
+                           request.is_disconnected)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
-        def chunk(delta: dict[str, Any], finish: str | None, tokens: list[int] | None = None) -> dict[str, Any]:
-            c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def chunk(index: int, delta: dict[str, Any], finish: str | None,
+                  tokens: list[int] | None = None) -> dict[str, Any]:
+            c: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             if body.return_token_ids and tokens is not None:
                 c["token_ids"] = tokens
             return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
                     "choices": [c]}
 
         if body.stream:
-            first = [True]
+            started: set[int] = set()
 
-            def delta(d: Delta) -> dict[str, Any]:
-                content = {"role": "assistant", "content": d.text} if first[0] else {"content": d.text}
-                first[0] = False
-                return chunk(content, None, d.token_ids)
+            def delta_chunk(c: Choice, d: Delta) -> dict[str, Any]:
+                content = {"content": d.text}
+                if c.index not in started:
+                    started.add(c.index)
+                    content = {"role": "assistant", "content": d.text}
+                return chunk(c.index, content, None, d.token_ids)
+
+            def finish_chunk(c: Choice, f: Finished) -> dict[str, Any]:
+                delta: dict[str, Any] = {}
+                if c.index not in started:
+                    started.add(c.index)
+                    delta = {"role": "assistant", "content": ""}
+                return chunk(c.index, delta, f.reason)
 
             def usage_chunk(u: dict[str, int]) -> dict[str, Any]:
-                return {**chunk({}, None), "choices": [], "usage": u}
+                return {**chunk(0, {}, None), "choices": [], "usage": u}
 
-            return _sse(gen, delta, lambda f: chunk({}, f.reason), usage_chunk,
-                        body.stream_options and body.stream_options.include_usage)
-        text, tokens, end = await gen.collect()
-        message = {"role": "assistant", "content": text}
-        c = {"index": 0, "message": message, "logprobs": None, "finish_reason": end.reason}
-        if body.return_token_ids:
-            c["token_ids"] = tokens
+            return sse(gens, delta_chunk, finish_chunk, usage_chunk, include_usage(body), [ids], request)
+        choices = await gens.collect()
+        note_usage(request, gens, [ids])
+        out = []
+        for c in choices:
+            ch: dict[str, Any] = {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
+                                  "logprobs": None, "finish_reason": c.end.reason}
+            if body.return_token_ids:
+                ch["token_ids"] = c.token_ids
+            out.append(ch)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [c], "usage": _usage(end)}
+                "choices": out, "usage": gens.usage([ids])}
+
+    async def chat_prompt(messages: list[dict[str, Any]]) -> list[int]:
+        """The conversation as token ids through the model's chat template. A template that raises (many
+        HF templates call raise_exception for a role or an order they do not accept) is the client's
+        error: a 400 that quotes the template's message."""
+        try:
+            return await off_loop(scheduler.chat_ids, messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        except Exception as e:  # jinja2.TemplateError and whatever else a template's code raises
+            raise APIError(400, f"the model's chat template rejected these messages: {type(e).__name__}: {e}",
+                           param="messages", code="chat_template_error") from None
 
     return app
 
 
-def prompt_ids(scheduler: Scheduler, prompt: Any) -> list[int]:
-    """A completions prompt (text, token ids, or a one-element list of either) as token ids."""
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported", param="prompt")
-        prompt = prompt[0]
-    try:
-        return scheduler.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    except ValueError as e:
-        raise APIError(400, str(e), param="prompt") from None
+def validation_error(errs: list[dict[str, Any]]) -> APIError:
+    """pydantic's first error as one OpenAI-shaped 400 naming the field."""
+    first = errs[0] if errs else {}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+    # a union's branches add their type names to loc (e.g. prompt.str); the field is what the client wrote
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field (not part of this API)"
+    return APIError(400, f"{param or 'body'}: {msg}", param=param)
 
 
-def _usage(end: Finished) -> dict[str, int]:
-    return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
-            "total_tokens": end.prompt_tokens + end.completion_tokens}
+def _is_type_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "none", "function-after")
+                                      or part.startswith(("list[", "function-after[", "constrained-", "json-or-")))
 
 
-class _Generation:
-    """One submitted request seen from the event loop: its events arrive on an asyncio queue."""
-
-    def __init__(self, scheduler: Scheduler, ticket_fn: Callable[[Callable], Any], request: Request) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.scheduler = scheduler
-        self.request = request
-        self.ticket = ticket_fn(self._sink)
-        self.finished = False
-
-    def _sink(self, event: Delta | Finished) -> None:  # called on the scheduler's thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-    def _note_usage(self, end: Finished) -> None:
-        self.request.state.usage = (end.prompt_tokens, end.completion_tokens)
-
-    async def events(self) -> AsyncIterator[Delta | Finished]:
-        """The request's events; leaving early (a disconnected client) cancels the request."""
-        try:
-            while True:
-                event = await self.queue.get()
-                if isinstance(event, Finished):
-                    self.finished = True
-                    self._note_usage(event)
-                yield event
-                if self.finished:
-                    return
-        finally:
-            if not self.finished:
-                self.scheduler.cancel(self.ticket)
-
-    async def collect(self) -> tuple[str, list[int], Finished]:
-        """Wait for the whole result; cancels the request if the client disconnects meanwhile."""
-        pieces, tokens = [], []
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await self.request.is_disconnected():
-                        raise APIError(499, "client disconnected") from None
-                    continue
-                if isinstance(event, Delta):
-                    pieces.append(event.text)
-                    tokens.extend(event.token_ids)
-                    continue
-                self.finished = True
-                self._note_usage(event)
-                if event.reason == "error":
-                    raise APIError(500, f"generation failed: {event.error}", "server_error")
-                return "".join(pieces), tokens, event
-        finally:
-            if not self.finished:
-                self.scheduler.cancel(self.ticket)
+def decode(scheduler: Scheduler, ids: list[int]) -> str:
+    tok = scheduler.tokenizer
+    return tok.decode(ids) if tok is not None else ""
 
 
-def _submit(scheduler: Scheduler, req: GenerationRequest, request: Request) -> _Generation:
-    try:
-        return _Generation(scheduler, lambda sink: scheduler.submit(req, sink), request)
-    except QueueFull as e:
-        raise APIError(503, str(e), "server_busy", code="queue_full") from None
-    except ValueError as e:
-        param = "max_tokens" if "max_tokens" in str(e) else "stop" if "stop" in str(e) else "prompt"
-        raise APIError(400, str(e), param=param,
-                       code="context_length_exceeded" if "context" in str(e) else None) from None
+def include_usage(body: CompletionRequest | ChatRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _sse(gen: _Generation, delta_chunk: Callable[[Delta], dict], final_chunk: Callable[[Finished], dict],
-         usage_chunk: Callable[[dict], dict], include_usage: bool | None) -> StreamingResponse:
-    """Server-sent events: one chunk per step, the finish chunk, optionally usage, then [DONE]."""
+def note_usage(request: Request, gens: Generations, prompts: list[list[int]]) -> None:
+    u = gens.usage(prompts)
+    request.state.usage = (u["prompt_tokens"], u["completion_tokens"])
+
+
+def sse(gens: Generations, delta_chunk: Callable[[Choice, Delta], dict], final_chunk: Callable[[Choice, Finished], dict],
+        usage_chunk: Callable[[dict], dict], include_usage: bool, prompts: list[list[int]],
+        request: Request) -> StreamingResponse:
+    """Server-sent events: the choices' chunks interleaved as they come (each names its index), a finish
+    chunk per choice, optionally a usage chunk with no choices, then [DONE]."""
 
     async def body() -> AsyncIterator[str]:
-        async for event in gen.events():
+        async for c, event in gens.events():
             if isinstance(event, Delta):
-                yield f"data: {json.dumps(delta_chunk(event))}\n\n"
+                yield f"data: {json.dumps(delta_chunk(c, event))}\n\n"
             elif event.reason == "error":
                 err = APIError(500, f"generation failed: {event.error}", "server_error").body()
                 yield f"data: {json.dumps(err)}\n\n"
             else:
-                yield f"data: {json.dumps(final_chunk(event))}\n\n"
-                if include_usage:
-                    yield f"data: {json.dumps(usage_chunk(_usage(event)))}\n\n"
+                yield f"data: {json.dumps(final_chunk(c, event))}\n\n"
+        note_usage(request, gens, prompts)
+        if include_usage:
+            yield f"data: {json.dumps(usage_chunk(gens.usage(prompts)))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -327,5 +417,5 @@ class RequestLog:
         finally:
             usage = state.get("usage")
             tokens = f" prompt_tokens={usage[0]} completion_tokens={usage[1]}" if usage else ""
-            log.info("%s %s %d %.3fs%s", scope.get("method"), scope.get("path"), status[0],
+            log.info("%s %s %d %.3fs%s", scope.get("method"), printable(scope.get("path", "")), status[0],
                      time.perf_counter() - t0, tokens)
