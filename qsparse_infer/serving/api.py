@@ -44,9 +44,10 @@ _SETTINGS_FIELDS = {f.name for f in dataclasses.fields(SamplingSettings)}
 def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | None = None,
                memory: Callable[[], dict[str, Any]] | None = None, reset_peak: Callable[[], None] | None = None,
                manage_scheduler: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               tokenizer_threads: int = 2) -> FastAPI:
+               body_timeout: float = 30.0, tokenizer_threads: int = 2) -> FastAPI:
     """The app for one model. With manage_scheduler the app starts the scheduler's thread on startup and
-    stops it on shutdown. `memory()` adds device memory figures to /health and /metrics/json."""
+    stops it on shutdown. `memory()` adds device memory figures to /health and /metrics/json. Bodies
+    larger than max_request_bytes get a 413, bodies that stall for body_timeout seconds a 408."""
     if max_request_bytes < 1:
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     pool = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="qsparse-tokenize")
@@ -64,7 +65,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
     app.state.scheduler = scheduler
     metrics = metrics_mod.ServingMetrics(model_name, scheduler.stats)
     app.state.metrics = metrics
-    app.add_middleware(RequestGuard, max_body_bytes=max_request_bytes)
+    app.add_middleware(RequestGuard, max_body_bytes=max_request_bytes, body_timeout=body_timeout)
     app.add_middleware(metrics_mod.ResponseCounter, metrics=metrics)
     created = int(time.time())
     vocab = getattr(scheduler.runner, "vocab_size", None)

@@ -67,6 +67,11 @@ class RateLimitFilter(logging.Filter):
         self._last: dict[tuple[str, str], float] = {}
         self._suppressed: dict[tuple[str, str], int] = {}
 
+    def reset(self) -> None:
+        with self._lock:
+            self._last.clear()
+            self._suppressed.clear()
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
