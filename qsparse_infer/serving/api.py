@@ -373,15 +373,16 @@ def sse(gens: Generations, delta_chunk: Callable[[Choice, Delta], dict], final_c
     """Server-sent events: the choices' chunks interleaved as they come (each names its index), a finish
     chunk per choice, optionally a usage chunk with no choices, then [DONE]."""
 
+    def event_text(c: Choice, event: Delta | Finished) -> str:
+        if isinstance(event, Delta):
+            return f"data: {json.dumps(delta_chunk(c, event))}\n\n"
+        if event.reason == "error":
+            return f"data: {json.dumps(APIError(500, f'generation failed: {event.error}', 'server_error').body())}\n\n"
+        return f"data: {json.dumps(final_chunk(c, event))}\n\n"
+
     async def body() -> AsyncIterator[str]:
-        async for c, event in gens.events():
-            if isinstance(event, Delta):
-                yield f"data: {json.dumps(delta_chunk(c, event))}\n\n"
-            elif event.reason == "error":
-                err = APIError(500, f"generation failed: {event.error}", "server_error").body()
-                yield f"data: {json.dumps(err)}\n\n"
-            else:
-                yield f"data: {json.dumps(final_chunk(c, event))}\n\n"
+        async for batch in gens.batches():
+            yield "".join(event_text(c, event) for c, event in batch)
         note_usage(request, gens, prompts)
         if include_usage:
             yield f"data: {json.dumps(usage_chunk(gens.usage(prompts)))}\n\n"

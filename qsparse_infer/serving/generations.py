@@ -5,6 +5,7 @@ unfinished one cancelled when the client goes away or one of them cannot be queu
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -53,8 +54,13 @@ class Generations:
             raise APIError(503, str(e), "server_busy") from None
 
     def _sink(self, index: int) -> Callable[[Delta | Finished], None]:
-        def sink(event: Delta | Finished) -> None:  # called on the scheduler's thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        loop_thread = threading.get_ident()
+
+        def sink(event: Delta | Finished) -> None:
+            if threading.get_ident() == loop_thread:  # handed over by the app's per-step dispatch
+                self.queue.put_nowait((index, event))
+            else:  # called on the scheduler's thread
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
         return sink
 
     def cancel(self) -> None:
@@ -80,30 +86,36 @@ class Generations:
             c.timer.finished(event.reason, event.prompt_tokens)
         return c
 
-    async def events(self, poll_disconnect: bool = False) -> AsyncIterator[tuple[Choice, Delta | Finished]]:
-        """Every choice's events in arrival order; leaving early cancels what is unfinished. With
-        poll_disconnect a client that goes away while nothing arrives ends the wait with a 499."""
+    async def batches(self, poll_disconnect: bool = False) -> AsyncIterator[list[tuple[Choice, Delta | Finished]]]:
+        """Every choice's events in arrival order, in batches: whatever arrived while the previous batch was
+        being written goes out together (one write instead of one per event when the stream falls behind).
+        Leaving early cancels what is unfinished. With poll_disconnect a client that goes away while nothing
+        arrives ends the wait with a 499."""
         try:
             while self.open:
                 if poll_disconnect:
                     try:
-                        index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                        first = await asyncio.wait_for(self.queue.get(), timeout=0.5)
                     except asyncio.TimeoutError:
                         if await self.is_disconnected():
                             raise APIError(499, "client disconnected") from None
                         continue
                 else:
-                    index, event = await self.queue.get()
-                yield self._note(index, event), event
+                    first = await self.queue.get()
+                batch = [first]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                yield [(self._note(index, event), event) for index, event in batch]
         finally:
             if self.open:
                 self.cancel()
 
     async def collect(self) -> list[Choice]:
         """Wait for every choice to finish (a 500 if one failed in the model)."""
-        async for c, event in self.events(poll_disconnect=True):
-            if isinstance(event, Finished) and event.reason == "error":
-                raise APIError(500, f"generation failed: {event.error}", "server_error")
+        async for batch in self.batches(poll_disconnect=True):
+            for c, event in batch:
+                if isinstance(event, Finished) and event.reason == "error":
+                    raise APIError(500, f"generation failed: {event.error}", "server_error")
         return self.choices
 
     def usage(self, prompts: list[list[int]]) -> dict[str, int]:
