@@ -5,8 +5,11 @@ The limit is enforced while the body is read, never after: a declared Content-Le
 answered before a byte of the body is read, and a chunked body is counted as it arrives and cut off at the
 limit. Until the application asks for the body, the server reads only its flow-control window (uvicorn
 pauses the socket at 64 KiB), so an oversized upload costs the server that much memory, not its size. An
-early answer carries `Connection: close`: the rest of the upload is never read, so the connection cannot be
-reused. A body that stalls longer than `body_timeout` seconds between chunks is answered 408.
+early answer carries `Connection: close`, and the server then reads and discards what the client is still
+sending for up to LINGER_SECONDS / LINGER_BYTES before it closes (a "lingering close", as nginx does: closing
+a socket with unread data resets the connection, and the client may lose the answer it was sent). A client
+that waits for `100 Continue` is never invited to send the body. A body that stalls longer than
+`body_timeout` seconds between chunks is answered 408.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 * 2 ** 20
 
 
 class RequestGuard:
@@ -56,7 +62,8 @@ class RequestGuard:
                 await self._reject(send, APIError(400, "invalid Content-Length header"))
                 return
             if n > self.max_body_bytes:
-                await self._reject(send, self._too_large(f"{n} bytes"))
+                expects_continue = headers.get(b"expect", b"").lower() == b"100-continue"
+                await self._reject(send, self._too_large(f"{n} bytes"), None if expects_continue else receive)
                 return
         body = bytearray()
         while True:
@@ -70,7 +77,10 @@ class RequestGuard:
                 return  # the client left before sending its body: nothing to answer
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes:
-                await self._reject(send, self._too_large(f"more than {self.max_body_bytes} bytes"))
+                del body[:]
+                more = message.get("more_body", False)
+                await self._reject(send, self._too_large(f"more than {self.max_body_bytes} bytes"),
+                                   receive if more else None)
                 return
             if not message.get("more_body", False):
                 break
@@ -81,14 +91,34 @@ class RequestGuard:
                              f"{self.max_body_bytes} bytes (qsparse serve --max-request-bytes)",
                         code="request_too_large")
 
-    async def _reject(self, send: Send, err: APIError) -> None:
+    async def _reject(self, send: Send, err: APIError, linger: Receive | None = None) -> None:
+        """Answer `err` and end the connection; with `linger`, drain the unread body before closing."""
         if self.on_reject is not None:
             self.on_reject(err.status)
         payload = json.dumps(err.body()).encode()
         await send({"type": "http.response.start", "status": err.status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                                 (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": payload})
+        await send({"type": "http.response.body", "body": payload, "more_body": linger is not None})
+        if linger is not None:
+            await _drain(linger)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a request body, within LINGER_SECONDS and LINGER_BYTES."""
+    loop = asyncio.get_running_loop()
+    deadline, left = loop.time() + LINGER_SECONDS, LINGER_BYTES
+    while left > 0:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        left -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:

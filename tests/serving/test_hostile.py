@@ -276,3 +276,30 @@ def test_rate_limit_filter_counts_and_strips_connection_tracebacks():
     assert flt.filter(bug) and bug.exc_info is not None  # a program error keeps its traceback
     info = lg.makeRecord(lg.name, logging.INFO, __file__, 1, "GET /health 200", (), None)
     assert all(RateLimitFilter(60).filter(info) for _ in range(3))
+
+
+def test_battery_on_the_other_http_implementation(engine):
+    """uvicorn runs on httptools when it is installed, else on h11; the other tests use that default, this
+    one the other implementation (when it is installed): the guard must hold on both."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    if AutoHTTPProtocol is H11Protocol:
+        pytest.importorskip("httptools")
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    else:
+        base = H11Protocol
+    sched = Scheduler(CpuRunner(engine, SLOTS), engine.tokenizer, max_queue=8, prefill_chunk=64)
+    app = create_app(sched, MODEL, max_request_bytes=MAX_BODY, body_timeout=BODY_TIMEOUT)
+    with ServerThread(app, LIMITS, protocol_base=base) as s:
+        quick = set(hostile.LIGHT) - {"big_prompt_does_not_block"}  # the tokenizer is not the protocol's
+        results = asyncio.run(hostile.run_battery(s.url, MODEL, limits=limits(), only=quick))
+        assert not hostile.problems(results), "\n".join(hostile.problems(results))
+        socks = [socket.create_connection(("127.0.0.1", s.port), timeout=5) for _ in range(3 * LIMITS.max_connections)]
+        try:
+            assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+            assert s.open_connections <= LIMITS.max_connections + 1
+        finally:
+            for c in socks:
+                c.close()
+        assert s.server.guard_counters["evicted"] >= 2 * LIMITS.max_connections - 5
