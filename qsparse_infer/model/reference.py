@@ -94,10 +94,33 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
-        cfg, t = self.cfg, x.shape[0]
-        q = apply_rope(self.q(x).view(t, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(self.k(x).view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = self.v(x).view(t, cfg.num_kv_heads, cfg.head_dim)
+        out = self.attend(self.q(x), self.k(x), self.v(x), cos, sin, cache, layer, start)
+        if self.sub_norm is not None:
+            out = self.sub_norm(out)
+        return self.o(out)
+
+    def forward_rows(self, x: torch.Tensor, caches: list[KVCache], layer: int) -> torch.Tensor:
+        """One token per row of x [B, H], row b of the sequence whose cache is caches[b], at position
+        caches[b].length: projections over all rows at once, attention per row over its own cache."""
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        outs = []
+        for b, cache in enumerate(caches):
+            pos = cache.length
+            cos, sin = rope_cos_sin(torch.arange(pos, pos + 1, device=x.device), self.cfg.head_dim,
+                                    self.cfg.rope_theta)
+            outs.append(self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], cos, sin, cache, layer, pos))
+        out = torch.cat(outs)
+        if self.sub_norm is not None:
+            out = self.sub_norm(out)
+        return self.o(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        """RoPE, KV-cache append and causal attention for the projected rows of one sequence -> [T, q_size]."""
+        cfg, t = self.cfg, q.shape[0]
+        q = apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
         if cache is not None:
             cache.k[layer][:, start:start + t] = k.transpose(0, 1)
             cache.v[layer][:, start:start + t] = v.transpose(0, 1)
@@ -108,13 +131,10 @@ class Attention(nn.Module):
         k_all = k_all.repeat_interleave(group, dim=0)  # [heads, S, hd]
         v_all = v_all.repeat_interleave(group, dim=0)
         scores = torch.einsum("thd,hsd->hts", q, k_all) / math.sqrt(cfg.head_dim)
-        q_pos = torch.arange(start, start + t, device=x.device)[:, None]
-        k_pos = torch.arange(k_all.shape[1], device=x.device)[None, :]
+        q_pos = torch.arange(start, start + t, device=q.device)[:, None]
+        k_pos = torch.arange(k_all.shape[1], device=q.device)[None, :]
         scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
-        out = torch.einsum("hts,hsd->thd", scores.softmax(dim=-1), v_all).reshape(t, cfg.q_size)
-        if self.sub_norm is not None:
-            out = self.sub_norm(out)
-        return self.o(out)
+        return torch.einsum("hts,hsd->thd", scores.softmax(dim=-1), v_all).reshape(t, cfg.q_size)
 
 
 class MLP(nn.Module):
@@ -149,6 +169,10 @@ class Block(nn.Module):
 
     def forward(self, h, cos, sin, cache, layer, start):
         h = h + self.attn(self.input_norm(h), cos, sin, cache, layer, start)
+        return h + self.mlp(self.post_attn_norm(h))
+
+    def forward_rows(self, h: torch.Tensor, caches: list[KVCache], layer: int) -> torch.Tensor:
+        h = h + self.attn.forward_rows(self.input_norm(h), caches, layer)
         return h + self.mlp(self.post_attn_norm(h))
 
 
@@ -206,9 +230,33 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, cache, i, start)
         if cache is not None:
             cache.length = start + t
+        return self.head(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm (+ the head's top-K mask) and LM head: hidden rows [T, H] -> fp32 logits [T, V]."""
         h = self.norm(h)
         if self.sparsity.lm_head > 0:
             h = h * topk_mask(h, topk_count(h.shape[-1], self.sparsity.lm_head))
         if self.head_q8 is not None:
             return int8_head_logits(h, self.head_q8, self.head_q8_scales)
         return h @ self.head_weight().float().t()
+
+    def forward_rows(self, ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decode step for B sequences at once: ids [B], row b the next token of the sequence whose cache
+        is caches[b] (at position caches[b].length; each cache grows by one) -> fp32 logits [B, vocab].
+
+        Row b's logits equal forward(ids[b:b+1], caches[b], caches[b].length) bit for bit: the projections'
+        int8 x ternary sums are exact in any order, the norms, quantization and top-K work per row, attention
+        runs per row with the one-row call's ops, and the head runs per row (a float matmul's rounding may
+        depend on how many rows it has)."""
+        if ids.dim() != 1 or ids.shape[0] != len(caches):
+            raise ValueError(f"ids must be 1-D with one id per cache, got {tuple(ids.shape)} for {len(caches)}")
+        for c in caches:
+            if c.length + 1 > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {c.length + 1} tokens exceeds the context of {self.cfg.max_seq_len}")
+        h = self.embed[ids].float()
+        for i, block in enumerate(self.layers):
+            h = block.forward_rows(h, caches, i)
+        for c in caches:
+            c.length += 1
+        return torch.cat([self.head(h[b:b + 1].clone()) for b in range(h.shape[0])])

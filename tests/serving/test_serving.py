@@ -198,10 +198,10 @@ def test_prompt_over_context_says_so(client):
 def test_engine_exception_is_a_500_and_server_stays_up(server, engine, monkeypatch):
     runner = server.scheduler.runner
 
-    def broken(slots):
+    def broken(plan):
         raise RuntimeError("simulated kernel failure")
 
-    monkeypatch.setattr(runner, "decode", broken)
+    monkeypatch.setattr(runner, "launch", broken)
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "ROMEO:", "max_tokens": 5,
                                                           "temperature": 0}, timeout=60)
     assert r.status_code == 500
