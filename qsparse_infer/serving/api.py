@@ -12,7 +12,6 @@ a 10 MB prompt is tokenized.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -30,6 +29,7 @@ from ..generate.sampling import SamplingSettings
 from . import metrics as metrics_mod
 from .generations import Choice, Generations
 from .guards import RequestGuard
+from .logprob_format import ChatLogprobs, CompletionLogprobs, TokenStrings
 from .protocol import APIError, ChatRequest, CompletionRequest, MAX_CHOICES, printable
 from .scheduler import Delta, Finished, GenerationRequest, Scheduler
 
@@ -37,8 +37,6 @@ log = logging.getLogger("qsparse.serve")
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2 ** 20
 INLINE_TOKENIZE_CHARS = 4096  # shorter prompts are tokenized on the event loop (a thread hop costs more)
-_REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
-_SETTINGS_FIELDS = {f.name for f in dataclasses.fields(SamplingSettings)}
 
 
 def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | None = None,
@@ -54,11 +52,16 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        ours = manage_scheduler and scheduler.dispatch is None
+        if ours:  # one hop onto the event loop per scheduler step, not one per event
+            scheduler.dispatch = event_hop(asyncio.get_running_loop())
         if manage_scheduler:
             scheduler.start()
         yield
         if manage_scheduler:
             scheduler.shutdown()
+        if ours:
+            scheduler.dispatch = None
         pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="qsparse-infer", lifespan=lifespan)
@@ -69,6 +72,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
     app.add_middleware(metrics_mod.ResponseCounter, metrics=metrics)
     created = int(time.time())
     vocab = getattr(scheduler.runner, "vocab_size", None)
+    strings = TokenStrings(scheduler.tokenizer)
 
     async def off_loop(fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -141,20 +145,12 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
             if bad:
                 raise APIError(400, f"stop_token_ids: {bad[0]} is not a token id of this model (vocabulary of "
                                     f"{vocab})", param="stop_token_ids")
-        for name, value, field_set in (("frequency_penalty", body.frequency_penalty, _SETTINGS_FIELDS),
-                                       ("presence_penalty", body.presence_penalty, _SETTINGS_FIELDS),
-                                       ("stop_token_ids", body.stop_token_ids, _REQUEST_FIELDS)):
-            if value and name not in field_set:
-                raise APIError(400, f"{name} is not supported by this server's scheduler", param=name)
 
     def settings_for(body: CompletionRequest | ChatRequest, seed: int | None) -> SamplingSettings:
-        kw: dict[str, Any] = dict(temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-                                  repetition_penalty=body.repetition_penalty, seed=seed)
-        for name in ("frequency_penalty", "presence_penalty"):
-            if name in _SETTINGS_FIELDS:
-                kw[name] = getattr(body, name)
         try:
-            return SamplingSettings(**kw)
+            return SamplingSettings(body.temperature, max(body.top_k, 0), body.top_p, body.repetition_penalty, seed,
+                                    presence_penalty=body.presence_penalty,
+                                    frequency_penalty=body.frequency_penalty)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
@@ -165,23 +161,13 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
             raise APIError(400, f"{len(prompts)} prompts x n = {body.n} is more than {MAX_CHOICES} choices "
                                 f"in one request", param="n")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        extra: dict[str, Any] = {}
-        if "stop_token_ids" in _REQUEST_FIELDS:
-            extra["stop_token_ids"] = list(body.stop_token_ids or [])
-        if "logprobs" in _REQUEST_FIELDS:
-            extra["logprobs"] = logprobs
-        elif logprobs is not None:
-            raise APIError(400, "logprobs are not supported by this server's scheduler", param="logprobs")
-        if "prompt_logprobs" in _REQUEST_FIELDS:
-            extra["prompt_logprobs"] = prompt_logprobs
-        elif prompt_logprobs:
-            raise APIError(400, "echo with logprobs is not supported by this server's scheduler", param="echo")
         out = []
         for ids in prompts:
             for i in range(body.n):
                 seed = None if body.seed is None else (body.seed + i) & ((1 << 64) - 1)
                 out.append(GenerationRequest(ids, settings_for(body, seed), max_tokens, stop, body.ignore_eos,
-                                             **extra))
+                                             stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs,
+                                             prompt_logprobs=prompt_logprobs))
         return out
 
     async def tokenize(prompt: str) -> list[int]:
@@ -212,11 +198,12 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
             raise APIError(400, "max_tokens must be >= 1 (0 only with echo, to score the prompt)",
                            param="max_tokens")
         prompts = await completion_prompts(body.prompt)
-        prompt_texts = [decode(scheduler, p) for p in prompts] if body.echo else None
-        reqs = requests_for(body, prompts, body.max_tokens, body.logprobs,
-                            prompt_logprobs=body.echo and body.logprobs is not None)
+        echo_texts = [decode(scheduler, p) for p in prompts] if body.echo else None
+        want_lp = body.logprobs is not None
+        reqs = requests_for(body, prompts, body.max_tokens, body.logprobs, prompt_logprobs=body.echo and want_lp)
         gens = Generations(scheduler, metrics, reqs, request.is_disconnected)
         rid = f"cmpl-{uuid.uuid4().hex}"
+        formats = [CompletionLogprobs(strings) for _ in reqs] if want_lp else None
 
         def envelope(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
             out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
@@ -225,30 +212,48 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
                 out["usage"] = usage
             return out
 
-        def prefix(c: Choice) -> str:
-            return prompt_texts[c.index // body.n] if prompt_texts is not None else ""
+        def prompt_of(c: Choice) -> list[int]:
+            return prompts[c.index // body.n]
+
+        def head(c: Choice) -> tuple[str, dict[str, list] | None]:
+            """What comes before the choice's generated text: the echoed prompt and its logprobs."""
+            ids = prompt_of(c)
+            lp = None
+            if formats is not None:
+                fmt = formats[c.index]
+                if body.echo:
+                    lp = fmt.add(c.prompt_logprobs or [None] * len(ids), ids)
+                else:
+                    fmt.prev = ids[-1]  # the first generated token's string reads in the prompt's context
+            return (echo_texts[c.index // body.n] if echo_texts is not None else ""), lp
+
+        def body_logprobs(c: Choice, entries: list, ids: list[int]) -> dict[str, list] | None:
+            return formats[c.index].add(entries, ids) if formats is not None else None
 
         if body.stream:
-            sent_prefix: set[int] = set()
+            started: set[int] = set()
+
+            def chunk_for(c: Choice, text: str, entries: list, ids: list[int], finish: str | None) -> dict[str, Any]:
+                lp_parts = []
+                if c.index not in started:
+                    started.add(c.index)
+                    prefix, lp = head(c)
+                    text = prefix + text
+                    if lp is not None:
+                        lp_parts.append(lp)
+                if formats is not None and ids:
+                    lp_parts.append(body_logprobs(c, entries, ids))
+                out = {"index": c.index, "text": text,
+                       "logprobs": CompletionLogprobs.join(lp_parts) if lp_parts else None, "finish_reason": finish}
+                if body.return_token_ids:
+                    out["token_ids"] = ids
+                return envelope([out])
 
             def delta_chunk(c: Choice, d: Delta) -> dict[str, Any]:
-                text = d.text
-                if prompt_texts is not None and c.index not in sent_prefix:
-                    sent_prefix.add(c.index)
-                    text = prefix(c) + text
-                out = {"index": c.index, "text": text, "logprobs": None, "finish_reason": None}
-                if body.return_token_ids:
-                    out["token_ids"] = d.token_ids
-                return envelope([out])
+                return chunk_for(c, d.text, d.logprobs or [], d.token_ids, None)
 
             def finish_chunk(c: Choice, f: Finished) -> dict[str, Any]:
-                out = {"index": c.index, "text": "", "logprobs": None, "finish_reason": f.reason}
-                if prompt_texts is not None and c.index not in sent_prefix:
-                    sent_prefix.add(c.index)
-                    out["text"] = prefix(c)
-                if body.return_token_ids:
-                    out["token_ids"] = []
-                return envelope([out])
+                return chunk_for(c, "", [], [], f.reason)
 
             return sse(gens, delta_chunk, finish_chunk, lambda u: envelope([], u), include_usage(body), prompts,
                        request)
@@ -256,8 +261,11 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
         note_usage(request, gens, prompts)
         out = []
         for c in choices:
-            ch = {"index": c.index, "text": prefix(c) + "".join(c.text), "logprobs": None,
-                  "finish_reason": c.end.reason}
+            prefix, lp = head(c)
+            if formats is not None:
+                lp = CompletionLogprobs.join(([lp] if lp is not None else []) +
+                                             [body_logprobs(c, c.logprobs, c.token_ids)])
+            ch = {"index": c.index, "text": prefix + "".join(c.text), "logprobs": lp, "finish_reason": c.end.reason}
             if body.return_token_ids:
                 ch["token_ids"] = c.token_ids
             out.append(ch)
@@ -274,13 +282,19 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
         ids = await chat_prompt(messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        gens = Generations(scheduler, metrics, requests_for(body, [ids], max_tokens, logprobs, False),
-                           request.is_disconnected)
+        reqs = requests_for(body, [ids], max_tokens, logprobs, False)
+        gens = Generations(scheduler, metrics, reqs, request.is_disconnected)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        formats = [ChatLogprobs(strings, prev=ids[-1]) for _ in reqs] if body.logprobs else None
 
-        def chunk(index: int, delta: dict[str, Any], finish: str | None,
-                  tokens: list[int] | None = None) -> dict[str, Any]:
-            c: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def content_logprobs(c: Choice, entries: list, tokens: list[int]) -> dict[str, Any] | None:
+            if formats is None or not tokens:
+                return None
+            return {"content": formats[c.index].add(entries, tokens)}
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None, tokens: list[int] | None = None,
+                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+            c: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             if body.return_token_ids and tokens is not None:
                 c["token_ids"] = tokens
             return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
@@ -294,7 +308,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
                 if c.index not in started:
                     started.add(c.index)
                     content = {"role": "assistant", "content": d.text}
-                return chunk(c.index, content, None, d.token_ids)
+                return chunk(c.index, content, None, d.token_ids, content_logprobs(c, d.logprobs or [], d.token_ids))
 
             def finish_chunk(c: Choice, f: Finished) -> dict[str, Any]:
                 delta: dict[str, Any] = {}
@@ -311,8 +325,11 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
         note_usage(request, gens, [ids])
         out = []
         for c in choices:
+            lp = content_logprobs(c, c.logprobs, c.token_ids)
+            if formats is not None and lp is None:
+                lp = {"content": []}
             ch: dict[str, Any] = {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-                                  "logprobs": None, "finish_reason": c.end.reason}
+                                  "logprobs": lp, "finish_reason": c.end.reason}
             if body.return_token_ids:
                 ch["token_ids"] = c.token_ids
             out.append(ch)
@@ -332,6 +349,24 @@ def create_app(scheduler: Scheduler, model_name: str, *, info: dict[str, Any] | 
                            param="messages", code="chat_template_error") from None
 
     return app
+
+
+def event_hop(loop: asyncio.AbstractEventLoop) -> Callable[[list], None]:
+    """A scheduler dispatch: the step's (sink, event) pairs are delivered on `loop`, in one callback."""
+
+    def deliver(pairs: list) -> None:
+        for sink, event in pairs:
+            try:
+                sink(event)
+            except Exception:
+                log.exception("a request's sink raised")
+
+    def hop(pairs: list) -> None:
+        try:
+            loop.call_soon_threadsafe(deliver, pairs)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is listening any more
+            pass
+    return hop
 
 
 def validation_error(errs: list[dict[str, Any]]) -> APIError:

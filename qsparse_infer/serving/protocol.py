@@ -12,10 +12,11 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from .requests import MAX_LOGPROBS  # as vLLM's default max_logprobs
+
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; each one is matched against the text at every step
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
-MAX_LOGPROBS = 20  # as vLLM's default max_logprobs
 MAX_N = 32  # completions per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_CHOICES = 128  # prompts x n
