@@ -220,10 +220,10 @@ _json_case("logit_bias", C, {"prompt": "x", "logit_bias": {"5": 100.0}}, 400, "l
 _json_case("stream_options_without_stream", C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400,
            "stream_options")
 _json_case("chat_no_messages", CHAT, {"messages": []}, 400, "messages")
-_json_case("chat_message_not_an_object", CHAT, {"messages": ["hi"]}, 400, "messages.0")
-_json_case("chat_content_number", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "?")
+_json_case("chat_message_not_an_object", CHAT, {"messages": ["hi"]}, 400, "messages")
+_json_case("chat_content_number", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages")
 _json_case("chat_role_lone_surrogate", CHAT, '{"model": MODEL, "messages": [{"role": "\\udfff", "content": "x"}]}',
-           400, "?")
+           400, "messages")
 _json_case("chat_top_logprobs_without_logprobs", CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs")
 _json_case("chat_max_completion_tokens_bool", CHAT, {"messages": USER, "max_completion_tokens": False}, 400,
            "max_completion_tokens")

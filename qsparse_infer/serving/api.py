@@ -370,22 +370,31 @@ def event_hop(loop: asyncio.AbstractEventLoop) -> Callable[[list], None]:
 
 
 def validation_error(errs: list[dict[str, Any]]) -> APIError:
-    """pydantic's first error as one OpenAI-shaped 400 naming the field."""
-    first = errs[0] if errs else {}
-    if first.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
-    # a union's branches add their type names to loc (e.g. prompt.str); the field is what the client wrote
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
-    param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value")
-    if first.get("type") == "extra_forbidden":
+    """pydantic's most telling error as one OpenAI-shaped 400: `param` is the top-level field, the message
+    names the path inside it. A union (`stop`: a string or a list) reports one error per branch; the telling
+    one is not a plain type mismatch of a branch the input never was, and reaches deepest into the input."""
+    if not errs:
+        return APIError(400, "invalid request body")
+    if any(e.get("type") == "json_invalid" for e in errs):
+        e = next(e for e in errs if e.get("type") == "json_invalid")
+        return APIError(400, f"the request body is not valid JSON: {e.get('ctx', {}).get('error', '')}")
+
+    def path(e: dict[str, Any]) -> list[str]:
+        return [str(p) for p in e.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+
+    best = max(errs, key=lambda e: (not str(e.get("type", "")).endswith("_type"), len(path(e))))
+    parts = path(best)
+    msg = best.get("msg", "invalid value")
+    if best.get("type") == "extra_forbidden":
         msg = "unknown field (not part of this API)"
-    return APIError(400, f"{param or 'body'}: {msg}", param=param)
+    where = ".".join(parts) or "body"
+    return APIError(400, f"{where}: {msg}", param=parts[0] if parts else None)
 
 
 def _is_type_tag(part: Any) -> bool:
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "none", "function-after")
-                                      or part.startswith(("list[", "function-after[", "constrained-", "json-or-")))
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none")
+                                      or part.startswith(("list[", "dict[", "function-after[", "constrained-",
+                                                          "json-or-", "tagged-union[", "nullable[")))
 
 
 def decode(scheduler: Scheduler, ids: list[int]) -> str:
