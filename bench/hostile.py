@@ -4,6 +4,9 @@ where that is the answer), and that the server still answers /health afterwards.
 
     python bench/hostile.py --url http://127.0.0.1:8000            # the light cases (seconds)
     python bench/hostile.py --url http://127.0.0.1:8000 --heavy    # + 100 MB bodies, 5000 half-open connections
+    python bench/hostile.py --launch --device cuda --heavy --json out.json
+        # starts `qsparse serve` itself, and also checks its RSS (flat through the 100 MB uploads) and its log
+        # (no traceback, a bounded number of lines)
 
 From Python (bench/soak.py mixes it into its load; tests/serving/test_hostile.py runs it on every CI run):
 
@@ -36,6 +39,7 @@ class Limits:
     header_timeout: float = 10.0
     keep_alive_timeout: float = 5.0
     max_connections: int = 4096
+    body_timeout: float = 30.0
 
 
 @dataclass
@@ -431,10 +435,11 @@ async def slow_body_times_out(ac: httpx.AsyncClient, t: Target) -> str:
     try:
         writer.write(post_head(C, 1000) + b'{"model": ')
         await writer.drain()
+        wait = t.limits.body_timeout + 10
         try:
-            data = await asyncio.wait_for(reader.read(), 60)
+            data = await asyncio.wait_for(reader.read(), wait)
         except asyncio.TimeoutError:
-            return "no answer within 60 s to a stalled body"
+            return f"no answer within {wait:g} s to a stalled body"
         except ConnectionError:
             data = b""
         return "" if not data or data.startswith(b"HTTP/1.1 408") else f"answered {data[:40]!r}"
@@ -484,24 +489,104 @@ def problems(results: list[CaseResult]) -> list[str]:
     return [f"{r.name}: {r.detail}" for r in results if not r.ok]
 
 
+class LaunchedServer:
+    """`qsparse serve` in a subprocess on a free loopback port, its log in a file; stopped on exit."""
+
+    def __init__(self, device: str, limits: Limits, extra: list[str]) -> None:
+        import socket
+        import subprocess
+        import tempfile
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="hostile-server-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "qsparse_infer.cli", "serve", "--port", str(self.port), "--device", device,
+               "--log-level", "warning", "--max-request-bytes", str(limits.max_request_bytes),
+               "--timeout-header", str(limits.header_timeout), "--max-connections", str(limits.max_connections),
+               "--timeout-body", str(limits.body_timeout),
+               *extra]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> "LaunchedServer":
+        deadline = time.time() + 300
+        while time.time() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"qsparse serve did not come up: {self.log_text()[-2000:]}")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    def log_text(self) -> str:
+        self.log.flush()
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except Exception:
+                self.proc.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--launch", action="store_true", help="start `qsparse serve` (the built-in model) itself")
+    p.add_argument("--device", default="auto", help="with --launch (default: %(default)s)")
     p.add_argument("--model", default=None, help="the served model id (default: ask /health)")
     p.add_argument("--heavy", action="store_true", help="also the 100 MB body and the connection flood")
     p.add_argument("--max-request-bytes", type=int, default=Limits.max_request_bytes)
     p.add_argument("--timeout-header", type=float, default=Limits.header_timeout)
     p.add_argument("--max-connections", type=int, default=Limits.max_connections)
+    p.add_argument("--timeout-body", type=float, default=Limits.body_timeout)
     p.add_argument("--skip-slow", action="store_true", help="skip the cases that wait for the server's timeouts")
+    p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    model = args.model or httpx.get(args.url + "/health", timeout=30).json()["model"]
-    limits = Limits(args.max_request_bytes, args.timeout_header, max_connections=args.max_connections)
-    results = asyncio.run(run_battery(args.url, model, limits=limits, heavy=args.heavy,
-                                      skip=SLOW if args.skip_slow else frozenset()))
+    limits = Limits(args.max_request_bytes, args.timeout_header, max_connections=args.max_connections,
+                    body_timeout=args.timeout_body)
+    skip = SLOW if args.skip_slow else frozenset()
+    extra: dict[str, Any] = {}
+    if args.launch:
+        with LaunchedServer(args.device, limits, []) as server:
+            model = httpx.get(server.url + "/health", timeout=30).json()["model"]
+            rss0 = server.rss_bytes()
+            results = asyncio.run(run_battery(server.url, model, limits=limits, heavy=args.heavy, skip=skip))
+            rss1 = server.rss_bytes()
+            server.__exit__()
+            log = server.log_text()
+        lines = log.splitlines()
+        extra = {"rss_before_mb": rss0 / 2 ** 20, "rss_after_mb": rss1 / 2 ** 20, "log_lines": len(lines),
+                 "log_tracebacks": log.count("Traceback")}
+        results.append(CaseResult("server_log_has_no_traceback", extra["log_tracebacks"] == 0,
+                                  "" if extra["log_tracebacks"] == 0 else log[log.index("Traceback"):][:500], 0.0))
+        results.append(CaseResult("server_log_is_short", len(lines) <= 200,
+                                  "" if len(lines) <= 200 else f"{len(lines)} log lines", 0.0))
+        grown = (rss1 - rss0) / 2 ** 20
+        results.append(CaseResult("server_rss_flat", grown < 128,
+                                  "" if grown < 128 else f"RSS grew by {grown:.0f} MB", 0.0))
+    else:
+        model = args.model or httpx.get(args.url + "/health", timeout=30).json()["model"]
+        results = asyncio.run(run_battery(args.url, model, limits=limits, heavy=args.heavy, skip=skip))
     for r in results:
         print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:36s} {r.seconds:6.2f} s  {r.detail}")
+    for k, v in extra.items():
+        print(f"     {k}: {v:.1f}" if isinstance(v, float) else f"     {k}: {v}")
     bad = problems(results)
     print(f"{len(results) - len(bad)} passed, {len(bad)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": [r.__dict__ for r in results], **extra, "heavy": args.heavy}, f, indent=1)
     return 1 if bad else 0
 
 

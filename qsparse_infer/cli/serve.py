@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "is closed (default: 4096, or fewer if the open-file limit is lower)")
     p.add_argument("--timeout-header", type=float, default=10.0,
                    help="seconds a connection has to send a complete request head (default: %(default)s)")
+    p.add_argument("--timeout-body", type=float, default=30.0,
+                   help="seconds a request body may stall between two reads before a 408 (default: %(default)s)")
     p.add_argument("--timeout-keep-alive", type=float, default=5.0,
                    help="seconds an idle keep-alive connection stays open (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -60,7 +62,8 @@ def validate_args(args: argparse.Namespace) -> None:
                             ("--max-connections", args.max_connections, 1)):
         if value is not None and value < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {value}")
-    for flag, value in (("--timeout-header", args.timeout_header), ("--timeout-keep-alive", args.timeout_keep_alive)):
+    for flag, value in (("--timeout-header", args.timeout_header), ("--timeout-keep-alive", args.timeout_keep_alive),
+                        ("--timeout-body", args.timeout_body)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be a number of seconds > 0, got {value}")
     if args.model_name is not None:
@@ -104,7 +107,7 @@ def gpu_memory_probe() -> tuple[Any, Any]:
 
 def app_for_engine(engine: Any, model_name: str, max_batch: int | None = None, max_queue: int = 256,
                    prefill_chunk: int = 256, max_len: int | None = None,
-                   max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+                   max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, body_timeout: float = 30.0):
     """The FastAPI app serving `engine` (its scheduler thread starts with the app)."""
     from ..serving.api import create_app
 
@@ -121,13 +124,13 @@ def app_for_engine(engine: Any, model_name: str, max_batch: int | None = None, m
     info = {"device": device, "sparsity": engine.sparsity.describe(), "runner": type(runner).__name__,
             "vocab_size": engine.config.vocab_size}
     return create_app(scheduler, model_name, info=info, memory=memory, reset_peak=reset,
-                      max_request_bytes=max_request_bytes)
+                      max_request_bytes=max_request_bytes, body_timeout=body_timeout)
 
 
 def build_app(args: argparse.Namespace):
     engine, default_name = load_engine(args)
     return app_for_engine(engine, args.model_name or default_name, args.max_batch, args.max_queue,
-                          args.prefill_chunk, args.max_len, args.max_request_bytes)
+                          args.prefill_chunk, args.max_len, args.max_request_bytes, args.timeout_body)
 
 
 def run(args: argparse.Namespace) -> int:

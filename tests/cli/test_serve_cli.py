@@ -38,6 +38,7 @@ def free_port() -> int:
     (["--timeout-header", "nan"], "--timeout-header must be a number of seconds > 0"),
     (["--timeout-keep-alive", "-1"], "--timeout-keep-alive must be a number of seconds > 0"),
     (["--timeout-keep-alive", "inf"], "--timeout-keep-alive must be a number of seconds > 0"),
+    (["--timeout-body", "0"], "--timeout-body must be a number of seconds > 0"),
     (["--model-name", "  "], "--model-name must not be empty"),
     (["--max-len", "100000"], "--max-len must be in 1..512 (the model's context)"),
     (["--shape", "2b4t", "some.qsp"], "either a model file or --shape"),

@@ -95,7 +95,8 @@ def server(engine):
 
 def limits() -> "hostile.Limits":
     return hostile.Limits(max_request_bytes=MAX_BODY, header_timeout=LIMITS.header_timeout,
-                          keep_alive_timeout=LIMITS.keep_alive_timeout, max_connections=LIMITS.max_connections)
+                          keep_alive_timeout=LIMITS.keep_alive_timeout, max_connections=LIMITS.max_connections,
+                          body_timeout=BODY_TIMEOUT)
 
 
 def wait_idle(server, timeout: float = 30.0) -> dict:
