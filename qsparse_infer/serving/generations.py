@@ -113,7 +113,7 @@ class Generations:
     async def collect(self) -> list[Choice]:
         """Wait for every choice to finish (a 500 if one failed in the model)."""
         async for batch in self.batches(poll_disconnect=True):
-            for c, event in batch:
+            for _, event in batch:
                 if isinstance(event, Finished) and event.reason == "error":
                     raise APIError(500, f"generation failed: {event.error}", "server_error")
         return self.choices

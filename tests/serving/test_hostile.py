@@ -16,8 +16,6 @@ import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-from qsparse_infer.engine import BUILTIN_MODEL, Engine  # noqa: E402
-from qsparse_infer.model.format import read_engine, write_engine  # noqa: E402
 from qsparse_infer.serving.api import create_app  # noqa: E402
 from qsparse_infer.serving.runner import CpuRunner  # noqa: E402
 from qsparse_infer.serving.scheduler import Scheduler  # noqa: E402
@@ -27,13 +25,8 @@ from serving_helpers import ServerThread  # noqa: E402
 MODEL = "bard"
 SLOTS = 2
 MAX_BODY = 2 ** 20
-LIMITS = ConnectionLimits(max_connections=64, header_timeout=1.0, keep_alive_timeout=1.0, max_header_bytes=16384)
-BODY_TIMEOUT = 1.0
-# HF-style template that raises for a role it does not know (as many real ones do)
-TEMPLATE = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-            "{{ raise_exception('Unknown role: ' + m['role']) }}{% endif %}"
-            "{{ m['role'] | upper }}:\n{{ m['content'] }}\n\n{% endfor %}"
-            "{% if add_generation_prompt %}ASSISTANT:\n{% endif %}")
+LIMITS = ConnectionLimits(max_connections=64, header_timeout=0.5, keep_alive_timeout=0.5, max_header_bytes=16384)
+BODY_TIMEOUT = 0.5
 pytestmark = pytest.mark.filterwarnings("ignore:.*CPU.*:UserWarning")
 
 
@@ -50,11 +43,8 @@ hostile = _load_bench("hostile")
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    ef = read_engine(BUILTIN_MODEL)
-    path = write_engine(tmp_path_factory.mktemp("hostile") / "bard.qsp", ef.config, ef.sparsity, ef.tensors,
-                        {**ef.tokenizer_info, "chat_template": TEMPLATE}, ef.tokenizer_bytes)
-    return Engine.load(path, device="cpu")
+def engine(chat_engine):
+    return chat_engine
 
 
 class LogCapture(logging.Handler):

@@ -10,8 +10,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
-from qsparse_infer.engine import BUILTIN_MODEL, Engine  # noqa: E402
-from qsparse_infer.model.format import read_engine, write_engine  # noqa: E402
+from qsparse_infer.engine import Engine  # noqa: E402
 from qsparse_infer.serving.api import create_app  # noqa: E402
 from qsparse_infer.cli.serve import app_for_engine  # noqa: E402
 from qsparse_infer.serving.runner import CpuRunner  # noqa: E402
@@ -20,18 +19,12 @@ from serving_helpers import ServerThread  # noqa: E402
 
 MODEL = "bard"
 SLOTS = 4
-# The built-in model has no chat template; the tests serve a copy of it that has one.
-TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}:\n{{ m['content'] }}\n\n{% endfor %}"
-            "{% if add_generation_prompt %}ASSISTANT:\n{% endif %}")
 pytestmark = pytest.mark.filterwarnings("ignore:.*CPU.*:UserWarning")
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    ef = read_engine(BUILTIN_MODEL)
-    path = write_engine(tmp_path_factory.mktemp("serve") / "bard.qsp", ef.config, ef.sparsity, ef.tensors,
-                        {**ef.tokenizer_info, "chat_template": TEMPLATE}, ef.tokenizer_bytes)
-    return Engine.load(path, device="cpu")
+def engine(chat_engine):
+    return chat_engine
 
 
 @pytest.fixture(scope="module")
