@@ -9,10 +9,10 @@ plans and launches step t+1 before it reads step t's tokens; a decode row theref
 the runner's own state (the token the slot sampled last), never from the scheduler. Runners know nothing of
 text, stop rules or HTTP.
 
-`CpuRunner` keeps one reference-model KV cache per slot. Its decode rows go through the reference model as
-one batch (`Transformer.forward_rows`: stacked projections, attention per row over its own cache), each row
-bit-identical to the one-sequence path, so greedy results equal `Engine.generate(..., temperature=0)` token
-for token; prefill chunks run one slot at a time.
+`CpuRunner` keeps one reference-model KV cache per slot. A step (prefill chunks and decode rows together) is
+one forward through the reference model (`Transformer.forward_segments`: stacked projections, attention per
+sequence over its own cache), each sequence bit-identical to the one-sequence path, so greedy results equal
+`Engine.generate(..., temperature=0)` token for token.
 """
 from __future__ import annotations
 
@@ -141,15 +141,53 @@ class CpuRunner:
         self._seqs[slot] = _Sequence(settings, seed, torch.zeros(v, dtype=torch.bool),
                                      torch.zeros(v, dtype=torch.int32), logprobs)
 
+    @torch.no_grad()
     def launch(self, plan: StepPlan) -> DoneHandle:
+        """The whole step (every prefill chunk and decode row) in one forward through the reference model."""
         check_plan(plan, self.max_slots)
+        segments = []
+        for chunk in plan.prefills:
+            seq, cache = self._active(chunk.slot), self._caches[chunk.slot]
+            if cache.length + len(chunk.ids) > self.max_len:
+                raise ValueError(f"slot {chunk.slot}: {cache.length + len(chunk.ids)} positions exceed max_len "
+                                 f"{self.max_len}")
+            t = torch.as_tensor(chunk.ids, dtype=torch.int64)
+            if int(t.min()) < 0 or int(t.max()) >= self.vocab_size:
+                raise ValueError(f"token ids must be in the vocabulary [0, {self.vocab_size})")
+            segments.append((t, cache))
+        for s in plan.decode:
+            seq, cache = self._active(s), self._caches[s]
+            if not seq.sampled:
+                raise RuntimeError(f"slot {s} has no sampled token to feed (its prompt is not prefilled)")
+            if cache.length >= self.max_len:
+                raise ValueError(f"slot {s} is full ({self.max_len} positions)")
+            segments.append((torch.tensor([seq.last]), cache))
+        logits = self.model.forward_segments(segments)
         n = len(plan.prefills)
         res = StepResult([None] * n, [None] * n, [None] * n, [], [])
         for i, chunk in enumerate(plan.prefills):
-            res.prefill_tokens[i], res.prefill_logprobs[i], res.prompt_logprobs[i] = self._prefill(chunk)
-        if plan.decode:
-            res.decode_tokens, res.decode_logprobs = self._decode_rows(plan.decode)
+            seq = self._seqs[chunk.slot]
+            seq.seen[segments[i][0]] = True
+            if chunk.targets is not None:
+                m = len(chunk.targets)
+                packed = lp.gather_logprobs(logits[i][:m], torch.as_tensor(chunk.targets, dtype=torch.int64),
+                                            chunk.top)
+                res.prompt_logprobs[i] = lp.unpack(packed, chunk.targets, chunk.top)
+            if chunk.sample:
+                res.prefill_tokens[i], res.prefill_logprobs[i] = self._sample(seq, logits[i][-1])
+        for j, s in enumerate(plan.decode):
+            tok, tok_lp = self._sample(self._seqs[s], logits[n + j][0])
+            res.decode_tokens.append(tok)
+            res.decode_logprobs.append(tok_lp)
         return DoneHandle(res)
+
+    def prefill(self, slot: int, ids: list[int], last: bool) -> int | None:
+        """One prefill chunk outside a step (tests, tools): the sampled token after the last chunk."""
+        return self.launch(StepPlan(prefills=[PrefillChunk(slot, list(ids), last)])).result().prefill_tokens[0]
+
+    def decode(self, slots: list[int]) -> list[int]:
+        """One token for each slot, decoded as one batch outside a step (tests, tools)."""
+        return self.launch(StepPlan(decode=list(slots))).result().decode_tokens
 
     def release(self, slot: int) -> None:
         self._seqs[slot] = None
@@ -157,49 +195,6 @@ class CpuRunner:
     def length(self, slot: int) -> int:
         cache = self._caches[slot]
         return 0 if cache is None or self._seqs[slot] is None else cache.length
-
-    # -- the model work ----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def _prefill(self, chunk: PrefillChunk) -> tuple[int | None, TokenLogprob | None, list[TokenLogprob] | None]:
-        seq, cache = self._active(chunk.slot), self._caches[chunk.slot]
-        if cache.length + len(chunk.ids) > self.max_len:
-            raise ValueError(f"slot {chunk.slot}: {cache.length + len(chunk.ids)} positions exceed max_len "
-                             f"{self.max_len}")
-        t = torch.as_tensor(chunk.ids, dtype=torch.int64)
-        if int(t.min()) < 0 or int(t.max()) >= self.vocab_size:
-            raise ValueError(f"token ids must be in the vocabulary [0, {self.vocab_size})")
-        seq.seen[t] = True
-        logits = self.model(t, cache, cache.length)
-        prompt = None
-        if chunk.targets is not None:
-            m = len(chunk.targets)
-            packed = lp.gather_logprobs(logits[:m], torch.as_tensor(chunk.targets, dtype=torch.int64), chunk.top)
-            prompt = lp.unpack(packed, chunk.targets, chunk.top)
-        if not chunk.sample:
-            return None, None, prompt
-        tok, tok_lp = self._sample(seq, logits[-1])
-        return tok, tok_lp, prompt
-
-    def decode(self, slots: list[int]) -> list[int]:
-        """One token for each slot, decoded as one batch outside a step (tests, tools)."""
-        return self.launch(StepPlan(decode=list(slots))).result().decode_tokens
-
-    @torch.no_grad()
-    def _decode_rows(self, slots: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
-        seqs, caches = [self._active(s) for s in slots], [self._caches[s] for s in slots]
-        for s, seq, cache in zip(slots, seqs, caches):
-            if not seq.sampled:
-                raise RuntimeError(f"slot {s} has no sampled token to feed (its prompt is not prefilled)")
-            if cache.length >= self.max_len:
-                raise ValueError(f"slot {s} is full ({self.max_len} positions)")
-        logits = self.model.forward_rows(torch.tensor([seq.last for seq in seqs]), caches)
-        out = [self._sample(seq, logits[b]) for b, seq in enumerate(seqs)]
-        return [t for t, _ in out], [x for _, x in out]
-
-    def prefill(self, slot: int, ids: list[int], last: bool) -> int | None:
-        """One prefill chunk outside a step (tests, tools): the sampled token after the last chunk."""
-        return self.launch(StepPlan(prefills=[PrefillChunk(slot, list(ids), last)])).result().prefill_tokens[0]
 
     def _active(self, slot: int) -> _Sequence:
         seq = self._seqs[slot]

@@ -42,23 +42,33 @@ def run(engine, reqs, slots=4, prefill_chunk=512):
     return [[e for e in ev if isinstance(e, Delta)] for ev in events], [ev[-1] for ev in events]
 
 
-def test_forward_rows_bit_identical_to_one_row(engine):
-    """Rows of different sequences (lengths 1..29) decoded as one batch == each decoded alone."""
+def test_forward_segments_bit_identical_to_one_sequence(engine):
+    """Decode rows of sequences at lengths 1..29 and prefill chunks of others in one forward == each sequence's
+    own forward call, bit for bit (logits and the caches they leave)."""
     m, cfg = engine.model, engine.config
     ps = prompts(engine, 6, seed=1)
     alone = [KVCache.empty(cfg, 64) for _ in ps]
     batch = [KVCache.empty(cfg, 64) for _ in ps]
     with torch.no_grad():
-        for p, a, b in zip(ps, alone, batch):
+        for p, a, b in zip(ps[:4], alone, batch):  # four sequences already decoding
             m(torch.tensor(p), a, 0)
             m(torch.tensor(p), b, 0)
-        toks = torch.tensor([p[-1] for p in ps])
-        for _ in range(3):
-            one = torch.cat([m(toks[i:i + 1], alone[i], alone[i].length) for i in range(len(ps))])
-            many = m.forward_rows(toks, batch)
-            assert torch.equal(one, many)
-            toks = one.argmax(-1)
-    assert [c.length for c in batch] == [c.length for c in alone]
+        toks = torch.tensor([p[-1] for p in ps[:4]])
+        for step in range(3):
+            segs = [(toks[i:i + 1], batch[i]) for i in range(4)]
+            if step < 2:  # two prompts prefilled in two chunks each, mixed with the decode rows
+                for j in (4, 5):
+                    half = len(ps[j]) // 2 + 1
+                    segs.append((torch.tensor(ps[j][:half] if step == 0 else ps[j][half:] or [1]), batch[j]))
+            many = m.forward_segments(segs)
+            for i, (ids, cache) in enumerate(segs):
+                one = m(ids, alone[i], alone[i].length)
+                assert torch.equal(one, many[i]), (step, i)
+            toks = torch.stack([many[i][-1].argmax() for i in range(4)])
+        rows = m.forward_rows(toks, batch[:4])
+        assert torch.equal(rows, torch.cat([m(toks[i:i + 1], alone[i], alone[i].length) for i in range(4)]))
+    for a, b in zip(alone, batch):
+        assert a.length == b.length and all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v))
 
 
 def test_batched_greedy_equals_engine_generate(engine):
