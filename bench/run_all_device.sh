@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels attention e2e profile fidelity
-#   (serving work: serving batched_linear batched_decode; lab: ncu ncu-src)
+#   (serving work: serving batched_linear batched_decode serve_bench soak hostile http_overhead; lab: ncu ncu-src)
 # Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
 # arguments, e.g. --no-peer), BL_ARGS (bench/batched_linear.py), DECODE_ARGS (bench/batched_decode.py; default --torch), REPS, SWEEP_ARGS (e.g. --only 2b4t --variants t1p,t1). `e2e-nopdl` repeats e2e with programmatic dependent launch off.
@@ -72,6 +72,12 @@ for what in "$@"; do
     soak)  # issue 9: 64 clients for 2 minutes against the GPU server, every response checked (bench/soak.py)
       timeout 400 python3 "$SRC/bench/soak.py" --launch --shape 2b4t --sparsity ${SOAK_SPARSITY:-0.6} --max-batch 64 \
         --clients 64 --seconds 120 --max-tokens 128 --prompt-len 128 --json "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" | tail -25 ;;
+    hostile)  # issue 17: the hostile battery (bench/hostile.py), heavy cases included, against `qsparse serve` on the GPU
+      timeout 300 python3 "$SRC/bench/hostile.py" --launch --device cuda --heavy --timeout-header 5 --timeout-body 5 \
+        --max-connections 1000 --json "$OUT/hostile.json" 2>&1 | tee "$OUT/hostile.log" | tail -30 ;;
+    http_overhead)  # issue 17: the app + scheduler + uvicorn over a fake runner of fixed step time (no GPU work)
+      timeout 240 python3 "$SRC/bench/http_overhead.py" --step-ms ${HTTP_STEP_MS:-5} --concurrency 1,16,64 \
+        --json "$OUT/http-overhead.json" 2>&1 | tee "$OUT/http-overhead.log" | tail -8 ;;
     attention)
       timeout 150 python3 "$SRC/bench/attention.py" ${ATTN_ARGS:---sweep} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     profile)

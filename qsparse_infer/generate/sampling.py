@@ -3,6 +3,9 @@ csrc/decode/sample.cu follows the same rules, with the same counter-based random
 
 Rules, for logits x [V] fp32 at generation step `step`:
   1. Repetition penalty rp on every token seen so far (prompt included): x < 0 ? x * rp : x / rp.
+     Then OpenAI's additive penalties on the tokens generated so far in this completion (the prompt does not
+     count), c_i = how often token i was generated: x_i - (frequency_penalty * c_i + presence_penalty * [c_i > 0]),
+     each operation rounded to fp32 in that order (the GPU uses non-contracting intrinsics for the same bits).
   2. temperature == 0 (or below MIN_TEMPERATURE): greedy, argmax of x, the lower index wins ties.
   3. Else z = x / temperature. Keep tokens with z >= tau, tau = max of
      - tau_k: the top_k-th largest z (top_k > 0), ties at the threshold all kept;
@@ -33,6 +36,8 @@ class SamplingSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's additive penalties, -2..2 (rule 1)
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
@@ -45,6 +50,11 @@ class SamplingSettings:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+            setattr(self, name, float(v))
         self.temperature = float(self.temperature)
         if self.temperature < MIN_TEMPERATURE:  # logits / such a temperature would overflow fp32
             self.temperature = 0.0
@@ -60,6 +70,10 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def additive_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def hash_uniform(seed: int, step: int, n: int) -> np.ndarray:
@@ -81,6 +95,20 @@ def apply_repetition_penalty(x: torch.Tensor, seen: torch.Tensor, penalty: float
         return x
     pen = torch.where(x < 0, x * penalty, x / penalty)
     return torch.where(seen, pen, x)
+
+
+def apply_additive_penalties(x: torch.Tensor, counts: torch.Tensor | None, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """Rule 1's OpenAI penalties: counts int [V] = how often each token was generated in this completion."""
+    if presence == 0.0 and frequency == 0.0:
+        return x
+    if counts is None:
+        raise ValueError("presence/frequency penalties need the counts of the tokens generated so far")
+    c = counts.to(torch.float32)
+    f32 = torch.float32
+    pen = torch.tensor(frequency, dtype=f32) * c + torch.where(c > 0, torch.tensor(presence, dtype=f32),
+                                                                torch.tensor(0.0, dtype=f32))
+    return x - pen
 
 
 def keep_threshold(z: torch.Tensor, top_k: int, top_p: float) -> float:
@@ -108,11 +136,14 @@ def keep_threshold(z: torch.Tensor, top_k: int, top_p: float) -> float:
     return tau
 
 
-def sample_cpu(logits: torch.Tensor, settings: SamplingSettings, seen: torch.Tensor, seed: int, step: int) -> int:
-    """One token from fp32 logits [V] on the CPU, by the rules above. seen: bool [V]."""
+def sample_cpu(logits: torch.Tensor, settings: SamplingSettings, seen: torch.Tensor, seed: int, step: int,
+               counts: torch.Tensor | None = None) -> int:
+    """One token from fp32 logits [V] on the CPU, by the rules above. seen: bool [V]; counts: int [V], the
+    generated-token counts (needed only with presence/frequency penalties)."""
     x = logits.detach().float().cpu().reshape(-1)
     x = torch.nan_to_num(x, nan=float("-inf"))
     x = apply_repetition_penalty(x, seen, settings.repetition_penalty)
+    x = apply_additive_penalties(x, counts, settings.presence_penalty, settings.frequency_penalty)
     if settings.greedy:
         return int(torch.argmax(x))  # torch.argmax returns the first maximal index
     z = x / torch.tensor(settings.temperature, dtype=torch.float32)  # fp32 division, as on the GPU

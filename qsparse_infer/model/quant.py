@@ -34,24 +34,37 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8), gamma
 
 
+def _rank_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys over the last dim: larger for larger |x|, and for equal |x| larger for the lower index, so they
+    are unique per row and rank exactly as the tie rule says. |x| is a non-negative float (NaN above inf, as
+    torch.sort ranks it), whose bit pattern as an integer is monotone in its value."""
+    bits = x.float().abs().contiguous().view(torch.int32).to(torch.int64)
+    idx = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)
+    return bits * (1 << 32) + ((1 << 32) - 1 - idx)
+
+
 def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest |x| along the last dim, ascending. Ties go to the lower index.
 
-    A stable descending sort keeps equal keys in index order, which is exactly the tie rule.
+    (The same set as a stable descending sort of |x| keeps in its first k places.)
     """
-    if not 0 <= k <= x.shape[-1]:
-        raise ValueError(f"k={k} out of range for dimension {x.shape[-1]}")
-    keys = x.float().abs()
-    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.sort(order, dim=-1).values
+    mask = topk_mask(x, k)
+    idx = torch.arange(x.shape[-1], device=x.device).expand(mask.shape)
+    return idx[mask].view(*x.shape[:-1], k)  # row-major order: ascending within each row
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the channels topk_indices keeps."""
-    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    """Boolean mask of the channels topk_indices keeps: keys at or above each row's k-th largest key (the keys
+    are unique, so exactly k per row). Faster than a full sort, most of all for several rows at once."""
+    if not 0 <= k <= x.shape[-1]:
+        raise ValueError(f"k={k} out of range for dimension {x.shape[-1]}")
     if k == x.shape[-1]:
-        return mask.fill_(True)
-    return mask.scatter_(-1, topk_indices(x, k), True)
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    if k == 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    keys = _rank_keys(x)
+    kth = torch.topk(keys, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    return keys >= kth
 
 
 def quantize_sparse_int8(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

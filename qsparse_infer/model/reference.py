@@ -94,10 +94,43 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        out = self.attend(self.q(x), self.k(x), self.v(x), cos, sin, cache, layer, start)
+        if self.sub_norm is not None:
+            out = self.sub_norm(out)
+        return self.o(out)
+
+    def forward_segments(self, x: torch.Tensor, segs: list[tuple[int, KVCache]],
+                         rope: tuple[torch.Tensor, torch.Tensor], layer: int) -> torch.Tensor:
+        """Rows of several sequences stacked in x [T, H]: segment i is segs[i][0] consecutive rows of the
+        sequence whose cache is segs[i][1], starting at position cache.length; rope = the stacked (cos, sin)
+        [T, head_dim] of every row's position. Projections and RoPE run over all rows at once (row-wise
+        and element-wise, so each row gets what `forward` gives it), cache append and attention per segment."""
         cfg, t = self.cfg, x.shape[0]
+        cos, sin = rope
         q = apply_rope(self.q(x).view(t, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(self.k(x).view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = self.v(x).view(t, cfg.num_kv_heads, cfg.head_dim)
+        outs, r = [], 0
+        for n, cache in segs:
+            outs.append(self._attend_rotated(q[r:r + n], k[r:r + n], v[r:r + n], cache, layer, cache.length))
+            r += n
+        out = torch.cat(outs)
+        if self.sub_norm is not None:
+            out = self.sub_norm(out)
+        return self.o(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        """RoPE, KV-cache append and causal attention for the projected rows of one sequence -> [T, q_size]."""
+        cfg, t = self.cfg, q.shape[0]
+        q = apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        return self._attend_rotated(q, k, v.view(t, cfg.num_kv_heads, cfg.head_dim), cache, layer, start)
+
+    def _attend_rotated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
+                        start: int) -> torch.Tensor:
+        """q [T, heads, hd] and k [T, kv heads, hd] rotated, v [T, kv heads, hd] -> attention [T, q_size]."""
+        cfg, t = self.cfg, q.shape[0]
         if cache is not None:
             cache.k[layer][:, start:start + t] = k.transpose(0, 1)
             cache.v[layer][:, start:start + t] = v.transpose(0, 1)
@@ -108,13 +141,11 @@ class Attention(nn.Module):
         k_all = k_all.repeat_interleave(group, dim=0)  # [heads, S, hd]
         v_all = v_all.repeat_interleave(group, dim=0)
         scores = torch.einsum("thd,hsd->hts", q, k_all) / math.sqrt(cfg.head_dim)
-        q_pos = torch.arange(start, start + t, device=x.device)[:, None]
-        k_pos = torch.arange(k_all.shape[1], device=x.device)[None, :]
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
-        out = torch.einsum("hts,hsd->thd", scores.softmax(dim=-1), v_all).reshape(t, cfg.q_size)
-        if self.sub_norm is not None:
-            out = self.sub_norm(out)
-        return self.o(out)
+        if t > 1:  # one query sees every key up to its own position: nothing to mask (same values, fewer ops)
+            q_pos = torch.arange(start, start + t, device=q.device)[:, None]
+            k_pos = torch.arange(k_all.shape[1], device=q.device)[None, :]
+            scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        return torch.einsum("hts,hsd->thd", scores.softmax(dim=-1), v_all).reshape(t, cfg.q_size)
 
 
 class MLP(nn.Module):
@@ -149,6 +180,11 @@ class Block(nn.Module):
 
     def forward(self, h, cos, sin, cache, layer, start):
         h = h + self.attn(self.input_norm(h), cos, sin, cache, layer, start)
+        return h + self.mlp(self.post_attn_norm(h))
+
+    def forward_segments(self, h: torch.Tensor, segs: list[tuple[int, KVCache]],
+                         rope: tuple[torch.Tensor, torch.Tensor], layer: int) -> torch.Tensor:
+        h = h + self.attn.forward_segments(self.input_norm(h), segs, rope, layer)
         return h + self.mlp(self.post_attn_norm(h))
 
 
@@ -206,9 +242,53 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, cache, i, start)
         if cache is not None:
             cache.length = start + t
+        return self.head(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm (+ the head's top-K mask) and LM head: hidden rows [T, H] -> fp32 logits [T, V]."""
         h = self.norm(h)
         if self.sparsity.lm_head > 0:
             h = h * topk_mask(h, topk_count(h.shape[-1], self.sparsity.lm_head))
         if self.head_q8 is not None:
             return int8_head_logits(h, self.head_q8, self.head_q8_scales)
         return h @ self.head_weight().float().t()
+
+    def forward_segments(self, segments: list[tuple[torch.Tensor, KVCache]]) -> list[torch.Tensor]:
+        """Several sequences in one forward: segments[i] = (ids [n_i], the sequence's cache); its tokens go at
+        positions cache.length .. + n_i (each cache grows by n_i; the caches must be distinct). Returns each
+        segment's fp32 logits [n_i, vocab]: a prefill chunk and one-token decode rows of other sequences can
+        share one call.
+
+        Segment i's logits equal forward(ids_i, cache_i, cache_i.length) bit for bit: the projections' int8 x
+        ternary sums are exact in any order, the norms, quantization and top-K work per row, RoPE tables are
+        computed per segment by forward's call and applied element-wise, attention runs per segment with
+        forward's ops, and the head runs per segment (a float matmul's rounding may depend on its row count)."""
+        if len({id(c) for _, c in segments}) != len(segments):
+            raise ValueError("each segment needs its own cache")
+        for ids, c in segments:
+            if ids.dim() != 1 or ids.numel() == 0:
+                raise ValueError(f"segment ids must be non-empty and 1-D, got shape {tuple(ids.shape)}")
+            if c.length + ids.numel() > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {c.length + ids.numel()} tokens exceeds the context of "
+                                 f"{self.cfg.max_seq_len}")
+        ids = torch.cat([i for i, _ in segments])
+        tables = [rope_cos_sin(torch.arange(c.length, c.length + i.numel(), device=ids.device), self.cfg.head_dim,
+                               self.cfg.rope_theta) for i, c in segments]
+        rope = (torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables]))
+        segs = [(i.numel(), c) for i, c in segments]
+        h = self.embed[ids].float()
+        for li, block in enumerate(self.layers):
+            h = block.forward_segments(h, segs, rope, li)
+        out, r = [], 0
+        for n, c in segs:
+            c.length += n
+            out.append(self.head(h[r:r + n].clone()))
+            r += n
+        return out
+
+    def forward_rows(self, ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decode step for B sequences: ids [B], row b the next token of the sequence whose cache is
+        caches[b] -> fp32 logits [B, vocab], row b bit-identical to forward(ids[b:b+1], caches[b], ...)."""
+        if ids.dim() != 1 or ids.shape[0] != len(caches):
+            raise ValueError(f"ids must be 1-D with one id per cache, got {tuple(ids.shape)} for {len(caches)}")
+        return torch.cat(self.forward_segments([(ids[b:b + 1], c) for b, c in enumerate(caches)]))

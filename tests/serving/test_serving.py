@@ -10,8 +10,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
-from qsparse_infer.engine import BUILTIN_MODEL, Engine  # noqa: E402
-from qsparse_infer.model.format import read_engine, write_engine  # noqa: E402
+from qsparse_infer.engine import Engine  # noqa: E402
 from qsparse_infer.serving.api import create_app  # noqa: E402
 from qsparse_infer.cli.serve import app_for_engine  # noqa: E402
 from qsparse_infer.serving.runner import CpuRunner  # noqa: E402
@@ -20,18 +19,12 @@ from serving_helpers import ServerThread  # noqa: E402
 
 MODEL = "bard"
 SLOTS = 4
-# The built-in model has no chat template; the tests serve a copy of it that has one.
-TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}:\n{{ m['content'] }}\n\n{% endfor %}"
-            "{% if add_generation_prompt %}ASSISTANT:\n{% endif %}")
 pytestmark = pytest.mark.filterwarnings("ignore:.*CPU.*:UserWarning")
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    ef = read_engine(BUILTIN_MODEL)
-    path = write_engine(tmp_path_factory.mktemp("serve") / "bard.qsp", ef.config, ef.sparsity, ef.tensors,
-                        {**ef.tokenizer_info, "chat_template": TEMPLATE}, ef.tokenizer_bytes)
-    return Engine.load(path, device="cpu")
+def engine(chat_engine):
+    return chat_engine
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +157,8 @@ def test_disconnect_mid_stream_frees_the_slot(server, engine):
     ({"model": "nope", "prompt": "x"}, 404, "model"),
     ({"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
-    ({"model": MODEL, "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ({"model": MODEL, "prompt": [5] * 600}, 400, "prompt"),
     ({"model": MODEL, "prompt": "x", "bogus": 1}, 400, "bogus"),
     ({"model": MODEL}, 400, "prompt"),
@@ -198,10 +191,10 @@ def test_prompt_over_context_says_so(client):
 def test_engine_exception_is_a_500_and_server_stays_up(server, engine, monkeypatch):
     runner = server.scheduler.runner
 
-    def broken(slots):
+    def broken(plan):
         raise RuntimeError("simulated kernel failure")
 
-    monkeypatch.setattr(runner, "decode", broken)
+    monkeypatch.setattr(runner, "launch", broken)
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "ROMEO:", "max_tokens": 5,
                                                           "temperature": 0}, timeout=60)
     assert r.status_code == 500

@@ -51,7 +51,13 @@ def test_http_server_on_the_gpu_runner():
         seeded = [httpx.post(s.url + "/v1/completions", json=body("ROMEO:", 24, temperature=0.8, seed=5),
                              timeout=120).json()["choices"][0]["text"] for _ in range(2)]
         assert seeded[0] == seeded[1] and seeded[0]
-        metrics = httpx.get(s.url + "/metrics").json()
+        metrics = httpx.get(s.url + "/metrics/json").json()
         assert metrics["memory"]["gpu_peak_allocated_bytes"] > 0 and metrics["memory"]["gpu_used_bytes"] > 0
         st = metrics["scheduler"]
         assert (st["active"], st["waiting"], st["free_slots"], st["errors"]) == (0, 0, 8, 0)
+        prom = httpx.get(s.url + "/metrics")
+        if prom.status_code == 200:  # prometheus-client installed on the machine
+            assert 'vllm:generation_tokens_total{model_name="bard"}' in prom.text
+            assert 'vllm:num_requests_running{model_name="bard"} 0.0' in prom.text
+        else:
+            assert prom.status_code == 503 and "prometheus-client" in prom.text
