@@ -149,3 +149,17 @@ def test_recorded_q_sparse_entry_is_the_default(tmp_path):
     meta = read_metadata(qsparse_infer.convert(src, tmp_path / "m.qsp", progress=False))
     assert meta.config.topk_rescale == "l2"
     assert (meta.sparsity.mlp, meta.sparsity.up_ratio) == (0.6, 0.4)
+
+
+def test_inspect_counts_bf16_rows(tmp_path):
+    from qsparse_infer.convert.inspect import bytes_per_token, report
+
+    src = make_dense_folder(tmp_path / "hf", "Qwen2ForCausalLM", shard_size=None)
+    ef = read_engine(qsparse_infer.convert(src, tmp_path / "m.qsp", sparsity="attn=0.5,gate=0.75,up=0.5",
+                                           progress=False))
+    dense, sparse = bytes_per_token(ef, SparsityConfig()), bytes_per_token(ef, ef.sparsity)
+    h, m, n_qkv = 64, 96, 64 + 2 * 32
+    assert dense["qkv"] == 2 * (h * n_qkv * 2 + n_qkv * 2)  # 2 layers of bf16 rows + the bias
+    assert sparse["qkv"] == 2 * (32 * n_qkv * 2 + n_qkv * 2)
+    assert sparse["gate_up"] == 2 * (16 + 32) * m * 2 and dense["gate_up"] == 2 * 2 * h * m * 2
+    assert "precision            bf16" in report(ef)
