@@ -139,6 +139,8 @@ def test_tokenizer_and_chat_template_travel(tmp_path):
     assert isinstance(reply, str)
     text = engine.generate("the king", max_new_tokens=6, temperature=0.7, seed=3)
     assert "".join(engine.stream("the king", max_new_tokens=6, temperature=0.7, seed=3)) == text
+    batch = engine.generate(["the king", "a horse"], max_new_tokens=6, temperature=0.7, seed=3)  # the CPU runner
+    assert batch[0] == text
 
 
 def test_recorded_q_sparse_entry_is_the_default(tmp_path):
