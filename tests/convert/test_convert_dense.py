@@ -67,9 +67,11 @@ def test_dense_matches_transformers_at_s0(converted):
     assert rel_err(got, hf_dense_logits(src, IDS)) <= TOL
 
 
-def _topk_hooks(model, sparsity: SparsityConfig, rescale: str):
+def _topk_hooks(model, sparsity: SparsityConfig, rescale: str, gaps: list[float]):
     """Forward pre-hooks putting the top-K (ties: lower index) on each projection's input, as the paper does for
-    SiLU models: inputs of q/k/v, o, gate, up (own ratio) and down (after SiLU(gate) * up)."""
+    SiLU models: inputs of q/k/v, o, gate, up (own ratio) and down (after SiLU(gate) * up). `gaps` collects each
+    selection's relative gap between the K-th and the (K+1)-th largest |x| (a near-tie, where ulp-level differences
+    between the two implementations could legitimately pick another channel)."""
     ratios = {"q_proj": sparsity.attn, "k_proj": sparsity.attn, "v_proj": sparsity.attn, "o_proj": sparsity.o,
               "gate_proj": sparsity.mlp, "up_proj": sparsity.up_ratio, "down_proj": sparsity.down}
     handles = []
@@ -81,6 +83,9 @@ def _topk_hooks(model, sparsity: SparsityConfig, rescale: str):
         def hook(module, args, ratio=ratios[leaf]):
             (x,) = args
             k = topk_count(x.shape[-1], ratio)
+            if k < x.shape[-1]:
+                srt = torch.sort(x.abs(), dim=-1, descending=True).values
+                gaps.append(float(((srt[..., k - 1] - srt[..., k]) / srt[..., 0]).min()))
             order = torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices[..., :k]
             kept = torch.zeros_like(x).scatter(-1, order, x.gather(-1, order))
             if rescale == "l2":
@@ -105,11 +110,15 @@ def test_dense_topk_positions_match_hooked_transformers(tmp_path, case, spec, re
     engine = Engine.load(dst, device="cpu")
     assert engine.sparsity == sparsity and engine.config.topk_rescale == rescale
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, attn_implementation="eager")
-    _topk_hooks(model, sparsity, rescale)
+    gaps: list[float] = []
+    _topk_hooks(model, sparsity, rescale, gaps)
     with torch.no_grad():
         expected = model(torch.tensor([IDS])).logits[0]
     got = engine.logits(IDS)
-    assert rel_err(got, expected) <= TOL
+    err = rel_err(got, expected)
+    if err > TOL and min(gaps) < 1e-5:  # not seen on this session's CPU (err ~1e-7): a near-tie decided it
+        pytest.skip(f"a near-tie in a top-K selection (relative gap {min(gaps):.1e}) makes the sides differ by {err:.1e}")
+    assert err <= TOL
     dense = Engine.load(dst, device="cpu", sparsity=0.0).logits(IDS)
     assert rel_err(dense, expected) > 10 * TOL  # the sparsity is not a no-op
 
