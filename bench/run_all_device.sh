@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels attention e2e profile fidelity
-#   (serving work: serving batched_linear batched_decode serve_bench soak hostile http_overhead; lab: ncu ncu-src)
+#   (serving work: serving batched_linear batched_decode serve_bench soak hostile http_overhead; lab: ncu ncu-src;
+#   full precision, issue 18: dense = dense-tests dense-kernels dense-e2e, and dense-sanitizer)
 # Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
 # arguments, e.g. --no-peer), BL_ARGS (bench/batched_linear.py), DECODE_ARGS (bench/batched_decode.py; default --torch), REPS, SWEEP_ARGS (e.g. --only 2b4t --variants t1p,t1). `e2e-nopdl` repeats e2e with programmatic dependent launch off.
@@ -55,6 +56,22 @@ for what in "$@"; do
       QSPARSE_PDL=$pdl timeout ${E2E_TIMEOUT:-400} python3 -m qsparse_infer.cli bench --shape ${E2E_SHAPE:-2b4t} \
         --sparsity ${E2E_SPARSITY:-0,0.4,0.6,0.8} --prompt-len 128 --new-tokens 256 --reps ${REPS:-3} ${E2E_ARGS:-} \
         --json "$OUT/$what-${E2E_SHAPE:-2b4t}.json" 2>&1 | tee "$OUT/$what-${E2E_SHAPE:-2b4t}.log" | tail -30 ;;
+    dense|dense-tests)  # issue 18, the full-precision family: kernel + decoder GPU tests (~1-2 min)
+      timeout 300 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" -rfEs \
+        "$SRC/tests/kernels/test_dense_kernels_gpu.py" "$SRC/tests/gpu/test_dense_model_gpu.py" 2>&1 \
+        | tee "$OUT/dense-tests.log" | tail -30 ;;&
+    dense|dense-kernels)  # the bf16 gather-GEMV at 8B / 70B shapes vs cuBLAS dense and the streaming ceiling, + crossover (~1 min)
+      timeout 200 python3 "$SRC/bench/dense_kernels.py" --crossover --out "$OUT" 2>&1 | tee "$OUT/dense-kernels.log" | tail -50 ;;&
+    dense|dense-e2e)  # qsparse bench on random bf16 weights of Llama-3-8B's shape with the torch bf16 peer (~3 min)
+      timeout ${E2E_TIMEOUT:-400} python3 -m qsparse_infer.cli bench --shape llama8b-bf16 --sparsity ${DENSE_SPARSITY:-0,0.4,0.5,0.6} \
+        --prompt-len 128 --new-tokens ${DENSE_NEW_TOKENS:-128} --reps ${REPS:-2} --json "$OUT/e2e-llama8b-bf16.json" 2>&1 \
+        | tee "$OUT/e2e-llama8b-bf16.log" | tail -30 ;;&
+    dense-sanitizer)  # memcheck over a few dense kernel cases (~1 min)
+      timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \
+        --rootdir "$SRC" -c "$SRC/pyproject.toml" "$SRC/tests/kernels/test_dense_kernels_gpu.py" \
+        -k "(plain_matches and 257 and 0.5) or (plain_matches and 100-37) or splits or ties_go or silu_glu or residual_alias or large_d or graph_capture" \
+        > "$OUT/dense-sanitizer.log" 2>&1; echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/dense-sanitizer.log" | tail -3 ;;
+    dense|dense-tests|dense-kernels|dense-e2e) ;;  # (the ;;& chain above ends here)
     serving)  # the batched decoder and its kernels, plus the single-sequence decoder they must not have changed
       timeout 400 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" -rfEs \
         "$SRC/tests/serving/test_serving_gpu.py" "$SRC/tests/kernels/test_decode_kernels_gpu.py" "$SRC/tests/gpu/test_gpu_model_gpu.py" \

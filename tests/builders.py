@@ -234,3 +234,59 @@ def greedy_tokens_graph_and_eager(gpu, ids, steps: int = 6) -> list[list[int]]:
         gpu.set_graph(graph)
         runs.append([gpu.prefill(ids[:5], SamplingSettings(temperature=0))] + [gpu.step() for _ in range(steps)])
     return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-precision Hugging Face checkpoints (Llama, Mistral, Qwen2) made with transformers
+# ---------------------------------------------------------------------------------------------
+
+DENSE_CONFIGS = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
+                 "Qwen2ForCausalLM": "Qwen2Config"}
+
+
+def make_dense_folder(folder: Path, arch: str = "LlamaForCausalLM", *, tied: bool = False, kv_heads: int = 2,
+                      dtype: torch.dtype = torch.bfloat16, seed: int = 0, shard_size: str | None = "40KB",
+                      tokenizer: bool = False, hidden: int = 64, intermediate: int = 96, layers: int = 2,
+                      heads: int = 4, vocab: int = VOCAB, extra_config: dict | None = None) -> Path:
+    """A small random transformers checkpoint of a full-precision family, saved with save_pretrained (sharded
+    when shard_size is given). Weights ~ N(0, 1/in) (a signal that neither vanishes nor explodes over the
+    layers), norms 1 + N(0, 0.2), Qwen2's q/k/v biases N(0, 0.1)."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+              tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)
+    kw.update(extra_config or {})
+    cfg = getattr(transformers, DENSE_CONFIGS[arch])(**kw)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name or name == "lm_head.weight":
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    model = model.to(dtype)
+    model.config.architectures = [arch]
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(str(folder), **kwargs)
+    if tokenizer:
+        (folder / "tokenizer.json").write_text(hf_tokenizer_json().decode())
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": CHAT_TEMPLATE}))
+    return folder
+
+
+def hf_dense_logits(folder: Path, ids: list[int]) -> torch.Tensor:
+    """transformers' fp32 logits for a full-precision checkpoint (its bf16 weights widened exactly)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()

@@ -237,7 +237,10 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", "## Per-phase breakdown (`--profile`)", ""]
         for key, prof in res["profile"].items():
             lines += [f"### S={key}", "", table(prof), ""]
-    lines += target_lines(res)
+    if res.get("config", {}).get("precision", "ternary") != "ternary":
+        lines += fp_target_lines(res)
+    else:
+        lines += target_lines(res)
     return "\n".join(lines) + "\n"
 
 
@@ -279,6 +282,20 @@ def target_lines(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fp_target_lines(res: dict[str, Any]) -> list[str]:
+    """Issue 18's targets for a full-precision model: dense parity with torch, then what sparsity buys."""
+    if "0" not in res["runs"]:
+        return []
+    speedup, vs0 = res.get("speedup_vs_torch_bf16", {}), res.get("speedup_vs_our_s0", {})
+    checks = [("S=0 decode >= 1.0x the torch bf16 peer", speedup.get("0"), 1.0),
+              ("S=0.5 >= 1.75x our S=0", vs0.get("0.5"), 1.75), ("S=0.6 >= 2x our S=0", vs0.get("0.6"), 2.0)]
+    lines = ["", f"Targets (issue 18, full precision, {res.get('model', '?')}):", ""]
+    for text, x, want in checks:
+        lines.append(f"- {text}: " + (f"{x:.2f}x ({'met' if x >= want else 'missed'})" if x is not None
+                                      else "not measured"))
+    return lines
+
+
 def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -290,7 +307,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
         pts = [(float(k.split()[0]), r["decode_tok_s"]) for k, r in res["runs"].items()
                if r.get("lm_head", "bf16") == head]
         if pts:
-            label = "qsparse-infer (ternary + top-K)" + (", int8 LM head" if head == "int8" else "")
+            kind = "ternary" if res.get("config", {}).get("precision", "ternary") == "ternary" else "bf16"
+            label = f"qsparse-infer ({kind} + top-K)" + (", int8 LM head" if head == "int8" else "")
             ax.plot(*zip(*pts), "o-" if head == "bf16" else "s--", label=label)
     if "torch_bf16_decode_tok_s" in res:
         ax.axhline(res["torch_bf16_decode_tok_s"], color="gray", ls="--", label="PyTorch bf16 (compile + graph)")
@@ -317,9 +335,9 @@ def write_outputs(res: dict[str, Any], json_path: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="engine file to benchmark")
-    p.add_argument("--shape", choices=("2b4t", "8b", "70b"), default="2b4t",
-                   help="random ternary weights of this shape (when no --model; 70b has no torch peer: its bf16 "
-                        "weights do not fit one GPU)")
+    p.add_argument("--shape", choices=("2b4t", "8b", "70b", "llama8b-bf16"), default="2b4t",
+                   help="random weights of this shape (when no --model): ternary 2b4t / 8b / 70b, or full-precision "
+                        "bf16 weights of Llama-3-8B's shape (70b has no torch peer: its bf16 weights do not fit one GPU)")
     p.add_argument("--sparsity", default=DEFAULT_SPARSITIES, help="comma-separated list, applied to all 4 groups")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens prefilled before decoding")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens decoded per repetition")

@@ -54,7 +54,7 @@ class TorchPeer:
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k_cache = torch.zeros(shape, device=dev, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=dev, dtype=dtype)
-        cos, sin = rope_cos_sin(torch.arange(max_len), cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cos_sin(torch.arange(max_len), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.cos, self.sin = cos.to(dev, dtype), sin.to(dev, dtype)
         self.mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=dev))
         self.weight_bytes = sum(t.numel() * t.element_size() for L in self.layers for t in L.values()

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (default: random)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--sparsity", default=None,
-                   help="override the file's ratios: one value or attn,o,mlp,down (e.g. 0.6 or 0.5,0.5,0.6,0.6)")
+                   help="override the file's ratios: one value, attn,o,mlp,down, attn,o,gate,up,down or named "
+                        "(e.g. 0.6, 0.5,0.5,0.6,0.6 or attn=0.5,gate=0.6,up=0.4)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU if there is one, else the CPU")
     p.add_argument("--lm-head", choices=("bf16", "int8"), default=None,

@@ -11,7 +11,7 @@ import warnings
 
 from safetensors import SafetensorError
 
-DESCRIPTION = "qsparse-infer: run, convert, inspect, benchmark and train Q-Sparse (BitNet b1.58 + top-K) models."
+DESCRIPTION = "qsparse-infer: run, convert, inspect, benchmark, evaluate and train Q-Sparse (BitNet b1.58 + top-K) models."
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,7 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("qsparse_infer.convert.hf", "convert a Hugging Face checkpoint into an engine file"),
     "inspect": ("qsparse_infer.convert.inspect", "print an engine file's config, sparsity and sizes"),
     "bench": ("qsparse_infer.bench.e2e", "measure decode tokens/s and memory bandwidth"),
-    "train": ("qsparse_infer.train.trainer", "train a Q-Sparse model from scratch"),
+    "eval": ("qsparse_infer.cli.eval", "held-out perplexity and tokens/s, against the sparsity"),
+    "train": ("qsparse_infer.train.trainer", "train a Q-Sparse model from scratch, or continue-train a "
+                                             "full-precision one (--init-from)"),
 }
 
 

@@ -1,4 +1,5 @@
-"""`qsparse convert SRC DST`: a Hugging Face checkpoint folder -> one engine file (format v1).
+"""`qsparse convert SRC DST`: a Hugging Face checkpoint folder -> one engine file (format v1 for ternary
+models; v2 for LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM, which convert/dense.py streams).
 
 The folder holds config.json, one or several *.safetensors (with model.safetensors.index.json when sharded),
 and tokenizer files (tokenizer.model or tokenizer.json; tokenizer_config.json for special tokens and the
@@ -32,7 +33,6 @@ or a top-level `sparsity` / `q_sparse` entry), else 0. The output is written ato
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -42,10 +42,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from ..model.config import ModelConfig, SparsityConfig, check_topk
+from ..model.config import TOPK_RESCALES, ModelConfig, SparsityConfig, check_topk
 from ..model.format import GROUPS, group_geometry, write_engine
+from ..model.hf_checkpoint import Checkpoint, CheckpointError
+from ..model.hf_checkpoint import read_json as _read_json
+from ..model.hf_dense import DENSE_ARCHITECTURES
 from ..model.quant import ternarize_absmean, unpack_hf_bitnet
 from ..packing import pack_ternary
 
@@ -54,64 +56,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PROJ_SHAPES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-class ConversionError(ValueError):
-    """The checkpoint cannot be converted; the message says why."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint access (single file or shards)
-# ---------------------------------------------------------------------------------------------
-
-
-class Checkpoint:
-    """Lazy, name-addressed access to the tensors of one or several safetensors files."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        index = folder / "model.safetensors.index.json"
-        self.where: dict[str, Path] = {}
-        if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise ConversionError(f"{index} has no 'weight_map' object (tensor name -> shard file)")
-            for name, fname in weight_map.items():
-                path = folder / fname
-                if not path.is_file():
-                    raise ConversionError(f"shard {fname} named in {index.name} is missing")
-                self.where[name] = path
-        else:
-            files = sorted(folder.glob("*.safetensors"))
-            if not files:
-                raise ConversionError(f"no *.safetensors weights found in {folder}")
-            for path in files:
-                with _open_shard(path) as f:
-                    for name in f.keys():
-                        self.where[name] = path
-        self._open: dict[Path, Any] = {}
-        self.used: set[str] = set()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise ConversionError(f"checkpoint is missing tensor {name!r}")
-        self.used.add(name)
-        path = self.where[name]
-        if path not in self._open:
-            self._open[path] = _open_shard(path)
-        try:
-            return self._open[path].get_tensor(name)
-        except SafetensorError as e:
-            raise ConversionError(f"{path}: cannot read tensor {name!r}: {e}") from None
-
-
-def _open_shard(path: Path):
-    """safe_open, with a corrupt or unreadable shard reported as a ConversionError naming the file."""
-    try:
-        return safe_open(str(path), framework="pt")
-    except SafetensorError as e:
-        raise ConversionError(f"{path}: not a valid safetensors file: {e}") from None
+# The converter's errors are the checkpoint reader's: one type for "this folder cannot be converted".
+ConversionError = CheckpointError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,16 +400,6 @@ def read_tokenizer(src: Path, hf: dict[str, Any], vocab_size: int) -> tuple[dict
     return info, data
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path} is not valid JSON: {e}") from None
-    return data if isinstance(data, dict) else {}
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
@@ -499,10 +435,12 @@ def _source_note(arch: str, src: Path) -> str:
 
 def convert(src: str | Path, dst: str | Path, sparsity: SparsityConfig | str | float | None = None,
             dtype: str | torch.dtype | None = None, force: bool = False, progress: bool = True,
-            ternarize: bool = False, lm_head: str = "bf16") -> Path:
+            ternarize: bool = False, lm_head: str = "bf16", topk_rescale: str | None = None) -> Path:
     """Convert the Hugging Face folder `src` into the engine file `dst`; returns `dst`. ternarize=True
     converts a BitNetForCausalLM without quantization_config (a full-precision model to transformers).
-    lm_head="int8" also stores the int8 head (head_int8.py) beside the float one."""
+    lm_head="int8" also stores the int8 head (head_int8.py) beside the float one. Full-precision families
+    (convert/dense.py): dtype defaults to bf16; topk_rescale ("none" | "l2", default: the checkpoint's
+    q_sparse record, else "none") says whether the model was trained with the L2 re-scale after its top-K."""
     from ..model.head_int8 import LM_HEAD_MODES, Q8, Q8_SCALES, head_source, quantize_head
 
     if lm_head not in LM_HEAD_MODES:
@@ -515,24 +453,37 @@ def convert(src: str | Path, dst: str | Path, sparsity: SparsityConfig | str | f
         raise FileNotFoundError(f"{src} has no config.json")
     hf = _read_json(src / "config.json")
     archs = hf.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if not isinstance(archs, list):
+        archs = [archs]
+    arch = next((a for a in archs if a in ARCHITECTURES or a in DENSE_ARCHITECTURES), None)
     if arch is None:
         raise ConversionError(f"unsupported architecture {archs or '(none given)'} in {src / 'config.json'}; "
-                              f"supported: {sorted(ARCHITECTURES)}")
+                              f"supported: {sorted([*ARCHITECTURES, *DENSE_ARCHITECTURES])}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    ckpt = Checkpoint(src)
-    layout = read_bitnet(hf, ckpt, ternarize) if arch == "BitNetForCausalLM" else ARCHITECTURES[arch](hf, ckpt)
-    if sparsity is None:
-        sp = layout.recorded_sparsity or SparsityConfig()
-    elif isinstance(sparsity, SparsityConfig):
-        sp = sparsity
+    if topk_rescale not in (None, *TOPK_RESCALES):
+        raise ConversionError(f"topk_rescale must be one of {TOPK_RESCALES}, got {topk_rescale!r}")
+    if isinstance(sparsity, SparsityConfig) or sparsity is None:
+        requested = sparsity
     elif isinstance(sparsity, str):
-        sp = SparsityConfig.parse(sparsity)
+        requested = SparsityConfig.parse(sparsity)
     else:
-        sp = SparsityConfig.uniform(float(sparsity))
+        requested = SparsityConfig.uniform(float(sparsity))
+    ckpt = Checkpoint(src)
+    if arch in DENSE_ARCHITECTURES:
+        from .dense import convert_dense
+
+        if lm_head != "bf16":
+            raise ConversionError("--lm-head int8 is for ternary models; a full-precision model keeps its head")
+        return convert_dense(src, dst, hf, arch, ckpt, requested, dtype, topk_rescale, progress, force,
+                             lambda vocab: read_tokenizer(src, hf, vocab), _source_note(arch, src),
+                             _hf_sparsity(hf))
+    if topk_rescale not in (None, "none"):
+        raise ConversionError("topk_rescale 'l2' needs a full-precision model (the ternary kernels have none)")
+    layout = read_bitnet(hf, ckpt, ternarize) if arch == "BitNetForCausalLM" else ARCHITECTURES[arch](hf, ckpt)
+    sp = requested or layout.recorded_sparsity or SparsityConfig()
     tensors = build_tensors(ckpt, layout, dtype, progress)
     if lm_head == "int8":
         tensors[Q8], tensors[Q8_SCALES] = quantize_head(head_source(tensors))
@@ -551,9 +502,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)")
     parser.add_argument("dst", help="engine file to write")
     parser.add_argument("--sparsity", default=None,
-                        help="one ratio for all groups, or attn,o,mlp,down (default: the checkpoint's, else 0)")
+                        help="one ratio for all groups, attn,o,mlp,down, attn,o,gate,up,down (distinct gate and up: "
+                             "full precision only) or named (attn=0.5,gate=0.6) (default: the checkpoint's, else 0)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="dtype of non-ternary tensors (default: keep the checkpoint's)")
+                        help="dtype of non-ternary tensors (default: keep the checkpoint's; bf16 for Llama, Mistral "
+                             "and Qwen2)")
+    parser.add_argument("--topk-rescale", choices=TOPK_RESCALES, default=None,
+                        help="full precision: the model was trained with the L2 re-scale after its top-K (l2) or not "
+                             "(default: the checkpoint's q_sparse record, else none)")
     parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     parser.add_argument("--lm-head", choices=("bf16", "int8"), default="bf16",
                         help="int8: also store a per-row absmax int8 LM head (half the head's bytes per token)")
@@ -564,11 +520,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     dst = convert(args.src, args.dst, sparsity=args.sparsity, dtype=args.dtype, force=args.force,
-                  lm_head=args.lm_head, ternarize=args.ternarize)
-    from ..model.format import read_engine
+                  lm_head=args.lm_head, ternarize=args.ternarize, topk_rescale=args.topk_rescale)
+    from ..model.format import read_metadata
 
-    ef = read_engine(dst)
-    print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB): {ef.config.num_layers} layers, "
-          f"hidden {ef.config.hidden_size}, vocab {ef.config.vocab_size}, sparsity {ef.sparsity.describe()}, "
-          f"tokenizer {ef.tokenizer_info.get('kind')}" + (", int8 LM head" if "lm_head.q8" in ef.tensors else ""))
+    ef = read_metadata(dst)  # the header only: a 16 GB file is not read back
+    c = ef.config
+    print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB, format v{ef.format_version}, {c.precision}): "
+          f"{c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, sparsity {ef.sparsity.describe()}"
+          f"{', L2 re-scale' if c.topk_rescale == 'l2' else ''}, tokenizer {ef.tokenizer_info.get('kind')}"
+          + (", int8 LM head" if "lm_head.q8" in ef.header else ""))
     return 0

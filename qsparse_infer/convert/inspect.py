@@ -15,7 +15,7 @@ GROUP_SPARSITY = {"qkv": "attn", "o": "o", "gate_up": "mlp", "down": "down"}
 
 def tensor_group(name: str) -> str:
     """The row of the size table a tensor is counted in."""
-    m = re.match(r"layers\.\d+\.(\w+)\.(packed|scales)$", name)
+    m = re.match(r"layers\.\d+\.(\w+)\.(packed|scales|weight_t|bias)$", name)
     if m:
         return m.group(1)
     if name.startswith("layers."):
@@ -44,7 +44,17 @@ def bytes_per_token(ef: EngineFile, sparsity: SparsityConfig) -> "OrderedDict[st
     for group in GROUPS:
         d, segs, layout = group_geometry(cfg, group)
         k = topk_count(d, getattr(sparsity, GROUP_SPARSITY[group]))
-        out[group] = cfg.num_layers * (k * packed_columns(segs, layout) // 4 + 4 * len(segs))
+        if cfg.precision == "ternary":
+            out[group] = cfg.num_layers * (k * packed_columns(segs, layout) // 4 + 4 * len(segs))
+            continue
+        w = ef.tensors[f"layers.0.{group}.weight_t"]
+        if group == "gate_up":  # gate and up may keep different channels: each reads its half of the row
+            k_up = topk_count(d, sparsity.up_ratio)
+            out[group] = cfg.num_layers * (k + k_up) * segs[0] * w.element_size()
+        else:
+            out[group] = cfg.num_layers * k * w.shape[1] * w.element_size()
+        if group == "qkv" and cfg.attn_bias:
+            out[group] += cfg.num_layers * w.shape[1] * ef.tensors["layers.0.qkv.bias"].element_size()
     out["norms"] = sum(t.numel() * t.element_size() for n, t in ef.tensors.items() if tensor_group(n) == "norms")
     embed = ef.tensors["embed_tokens"]
     out["embedding row"] = embed.shape[1] * embed.element_size()

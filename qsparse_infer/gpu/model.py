@@ -26,7 +26,7 @@ from ..generate.sampling import SamplingSettings
 from ..kernels import decode as dk
 from ..model.config import ModelConfig, SparsityConfig
 from ..model.reference import rope_cos_sin
-from .weights import GpuWeights, TopK, decode_settings, host_weight_bytes, run_head, run_layers
+from .weights import GpuWeights, TopK, decode_settings, host_weight_bytes, row_bytes, run_head, run_layers
 
 __all__ = ["GpuModel"]
 
@@ -94,7 +94,7 @@ class GpuModel:
         self.k_cache = torch.zeros(kv_shape, dtype=self.kv_dtype, device=dev)
         self.v_cache = torch.zeros(kv_shape, dtype=self.kv_dtype, device=dev)
         self.kv_bytes = 2 * self.k_cache.numel() * self.k_cache.element_size()
-        cos, sin = rope_cos_sin(torch.arange(self.max_len), cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cos_sin(torch.arange(self.max_len), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         half = cfg.head_dim // 2
         self.cos_t = cos[:, :half].contiguous().to(dev)
         self.sin_t = sin[:, :half].contiguous().to(dev)
@@ -137,7 +137,12 @@ class GpuModel:
         rows = 0
         for L in self.layers:
             for g, k in (("qkv", self.k_attn), ("o", self.k_o), ("gate_up", self.k_mlp), ("down", self.k_down)):
-                rows += k * getattr(L, g).packed.shape[1]
+                grp = getattr(L, g)
+                if g == "gate_up" and not hasattr(grp, "packed"):  # gate and up may keep different counts
+                    rows += (self.topk.mlp + self.topk.gate_up[-1] if isinstance(self.topk.gate_up, tuple)
+                             else 2 * k) * grp.segment_sizes[0] * grp.weight_t.element_size()
+                else:
+                    rows += k * row_bytes(grp)
         kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context_len * self.k_cache.element_size()
         return {"weight_rows": rows, "lm_head": self.head_bytes, "kv_cache": kv, "total": rows + self.head_bytes + kv}
 

@@ -17,7 +17,6 @@ from ..model.config import ModelConfig, SparsityConfig, topk_count
 from ..model.format import group_geometry
 from ..model.head_int8 import Q8, Q8_SCALES
 from ..model.quant import topk_mask
-from ..packing import LAYOUT_CONCAT, LAYOUT_INTERLEAVE
 
 
 @dataclass
@@ -61,7 +60,8 @@ def host_weight_bytes(ef: Any) -> int:
 
 class GpuWeights:
     """The model's weights on one GPU: embedding, head, final norm, and per layer the norms and the four
-    packed ternary groups (linear_kernels.PackedTernary). With an int8 head in the file (head_int8.py), head_q8
+    projection groups: packed ternary ones (linear_kernels.PackedTernary), or for a full-precision model bf16
+    ones (kernels/dense.py's DenseWeight, with the q/k/v bias and the re-scale rule). With an int8 head in the file (head_int8.py), head_q8
     and head_q8_scales replace the float head, which is then not uploaded unless tied (the embedding lookup
     needs the table)."""
 
@@ -83,12 +83,19 @@ class GpuWeights:
         else:
             self.head = t["lm_head"].to(dev).contiguous() if self.head_q8 is None else None
         self.final_norm = norm("norm")
+        self.dense = cfg.precision != "ternary"  # full precision: kernels/dense.py's DenseWeight groups
         self.layers: list[Layer] = []
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
             groups = {}
             for g in ("qkv", "o", "gate_up", "down"):
                 _, segs, layout = group_geometry(cfg, g)
+                if self.dense:
+                    from ..kernels.dense import DenseWeight
+
+                    bias = t.get(p + "qkv.bias") if g == "qkv" else None
+                    groups[g] = DenseWeight.from_cpu(t[p + g + ".weight_t"], segs, bias, cfg.topk_rescale, dev)
+                    continue
                 groups[g] = PackedTernary(t[p + g + ".packed"].to(dev).contiguous(),
                                           t[p + g + ".scales"].to(device=dev, dtype=torch.float32).contiguous(),
                                           segs, layout)
@@ -101,10 +108,11 @@ class GpuWeights:
             held += [self.head_q8, self.head_q8_scales]
         for L in self.layers:
             held += [x for x in (L.input_norm, L.post_norm, L.attn_sub_norm, L.ffn_sub_norm) if x is not None]
-            held += [x for g in (L.qkv, L.o, L.gate_up, L.down) for x in (g.packed, g.scales, g.colinfo)]
+            for g in (L.qkv, L.o, L.gate_up, L.down):
+                held += group_tensors(g)
         self.weight_bytes = sum(x.numel() * x.element_size() for x in held)  # as held on the GPU
-        # what a decode step must read at S = 0 from weights: packed rows + head (+ one embedding row)
-        self.packed_bytes = sum(getattr(L, g).packed.numel() for L in self.layers
+        # what a decode step must read at S = 0 from weights: packed (or bf16) rows + head (+ one embedding row)
+        self.packed_bytes = sum(row_bytes(getattr(L, g)) * getattr(L, g).in_features for L in self.layers
                                 for g in ("qkv", "o", "gate_up", "down"))
         if self.head_q8 is not None:
             self.head_bytes = self.head_q8.numel() + 4 * self.head_q8_scales.numel()
@@ -113,22 +121,44 @@ class GpuWeights:
         self.embed_bytes = self.embed.numel() * self.embed.element_size()
 
 
+def group_tensors(g: Any) -> list[torch.Tensor]:
+    """The GPU tensors of one projection group (ternary PackedTernary or full-precision DenseWeight)."""
+    if hasattr(g, "packed"):
+        return [g.packed, g.scales, g.colinfo]
+    return [g.weight_t] + ([g.bias] if g.bias is not None else [])
+
+
+def row_bytes(g: Any) -> int:
+    """Bytes of one input channel's row of a projection group."""
+    if hasattr(g, "packed"):
+        return int(g.packed.shape[1])
+    return g.out_features * g.weight_t.element_size()
+
+
 @dataclass(frozen=True)
 class TopK:
-    """Channels kept per projection input (k_head = hidden size: a dense head)."""
+    """Channels kept per projection input (k_head = hidden size: a dense head; up = the up projection's, which
+    equals mlp, the gate's, unless the sparsity sets them apart)."""
 
     attn: int
     o: int
     mlp: int
     down: int
     head: int
+    up: int = -1  # -1: as mlp
+
+    @property
+    def gate_up(self) -> int | tuple[int, int]:
+        """The k argument of the gate | up projection: one k, or (k_gate, k_up) when they differ."""
+        return self.mlp if self.up in (-1, self.mlp) else (self.mlp, self.up)
 
     @classmethod
     def of(cls, cfg: ModelConfig, s: SparsityConfig) -> "TopK":
         k = cls(topk_count(cfg.hidden_size, s.attn), topk_count(cfg.q_size, s.o), topk_count(cfg.hidden_size, s.mlp),
                 topk_count(cfg.intermediate_size, s.down),
-                topk_count(cfg.hidden_size, s.lm_head) if s.lm_head > 0 else cfg.hidden_size)
-        for name in ("attn", "o", "mlp", "down", "head"):
+                topk_count(cfg.hidden_size, s.lm_head) if s.lm_head > 0 else cfg.hidden_size,
+                topk_count(cfg.hidden_size, s.up_ratio))
+        for name in ("attn", "o", "mlp", "down", "head", "up"):
             if getattr(k, name) < 1:
                 raise ValueError(f"sparsity {s.describe()} keeps no channel (k_{name} = 0)")
         return k
@@ -141,13 +171,16 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor], None]
 def run_layers(w: GpuWeights, k: TopK, h: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor,
                attend: Attend, lin: Callable[..., torch.Tensor]) -> None:
     """The layer stack over the rows of h [T, H] (updated in place). lin: linear_kernels.ternary_linear or a
-    wrapper of it that picks the path."""
+    wrapper of it that picks the path; full-precision weights always run kernels/dense.py's dense_linear (which
+    picks its own path), whatever `lin` is."""
     eps, glu = w.cfg.rms_norm_eps, w.cfg.activation
+    if w.dense:
+        from ..kernels.dense import dense_linear as lin
     for i, L in enumerate(w.layers):
         lin(h, L.qkv, k.attn, norm_weight=L.input_norm, norm_eps=eps, out=qkv)
         attend(i, qkv, attn)
         lin(attn, L.o, k.o, norm_weight=L.attn_sub_norm, norm_eps=eps, residual=h, out=h)
-        lin(h, L.gate_up, k.mlp, norm_weight=L.post_norm, norm_eps=eps, glu=glu, out=mlp)
+        lin(h, L.gate_up, k.gate_up, norm_weight=L.post_norm, norm_eps=eps, glu=glu, out=mlp)
         lin(mlp, L.down, k.down, norm_weight=L.ffn_sub_norm, norm_eps=eps, residual=h, out=h)
 
 

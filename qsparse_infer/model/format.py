@@ -1,13 +1,18 @@
-"""The engine file (format version 1): one safetensors file that holds everything needed to run a model.
+"""The engine file (format versions 1 and 2): one safetensors file that holds everything needed to run a model.
 
-See docs/ARCHITECTURE.md for the layout. The writer is atomic (temp file + os.replace); the reader checks
-the container before loading anything (so a truncated file gives a clear error, not a crash) and then
-validates metadata, the tensor set, shapes, dtypes and scales against the config.
+See docs/ARCHITECTURE.md for the layout. Version 2 adds the full-precision family (config.precision "bf16":
+transposed float weights instead of packed ternary ones, q/k/v biases, RoPE scaling, the L2 re-scale flag,
+distinct gate/up ratios); a file is written with the lowest version that can describe it, so ternary models
+stay version 1 and older readers keep reading them. The writer is atomic (temp file + os.replace), and
+`write_engine_stream` writes tensor by tensor (the converter of large checkpoints); the reader checks the
+container before loading anything (so a truncated file gives a clear error, not a crash) and then validates
+metadata, the tensor set, shapes, dtypes and scales against the config.
 """
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import secrets
@@ -15,7 +20,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,8 +30,8 @@ from .config import ModelConfig, SparsityConfig, check_topk
 from .head_int8 import Q8, Q8_SCALES
 
 FORMAT_NAME = "qsparse-infer"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2  # the newest this code writes (only where a file needs it: required_version)
+SUPPORTED_VERSIONS = (1, 2)
 TOKENIZER_KINDS = ("sentencepiece", "hf_json", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # A safetensors header bigger than this is not a real header (the format's own limit is 100 MB).
@@ -46,14 +51,16 @@ class EngineFormatError(ValueError):
 
 
 def group_geometry(cfg: ModelConfig, group: str) -> tuple[int, list[int], str]:
-    """(input dim D, output segment sizes, layout) of one packed projection group."""
+    """(input dim D, output segment sizes, layout) of one projection group. Ternary groups are packed
+    (packing.py); full-precision groups are [D, sum(segments)] float matrices with the segments side by side
+    (gate then up: "concat")."""
     h, m = cfg.hidden_size, cfg.intermediate_size
     if group == "qkv":
         return h, [cfg.q_size, cfg.kv_size, cfg.kv_size], LAYOUT_CONCAT
     if group == "o":
         return cfg.q_size, [h], LAYOUT_CONCAT
     if group == "gate_up":
-        return h, [m, m], LAYOUT_INTERLEAVE
+        return h, [m, m], LAYOUT_INTERLEAVE if cfg.precision == "ternary" else LAYOUT_CONCAT
     if group == "down":
         return m, [h], LAYOUT_CONCAT
     raise KeyError(f"unknown projection group {group!r}")
@@ -82,9 +89,24 @@ def expected_tensors(cfg: ModelConfig, has_tokenizer: bool,
             out[p + "ffn_sub_norm"] = ((cfg.intermediate_size,), "float")
         for group in GROUPS:
             d, segs, layout = group_geometry(cfg, group)
-            out[p + group + ".packed"] = ((d, packed_columns(segs, layout) // 4), "packed")
-            out[p + group + ".scales"] = ((len(segs),), "scales")
+            if cfg.precision == "ternary":
+                out[p + group + ".packed"] = ((d, packed_columns(segs, layout) // 4), "packed")
+                out[p + group + ".scales"] = ((len(segs),), "scales")
+            else:  # rows = input channels: a kept channel reads one contiguous row
+                out[p + group + ".weight_t"] = ((d, sum(segs)), "float")
+        if cfg.attn_bias:
+            out[p + "qkv.bias"] = ((cfg.q_size + 2 * cfg.kv_size,), "float")
     return out
+
+
+def required_version(cfg: ModelConfig, sparsity: SparsityConfig) -> int:
+    """The lowest format version that can describe this model: 2 for anything version 1 cannot say."""
+    return 2 if cfg.needs_v2() or sparsity.up is not None else 1
+
+
+def config_json(cfg: ModelConfig, version: int) -> str:
+    """The config as a version-`version` file stores it (version 1: without the fields it does not know)."""
+    return cfg.to_json() if version >= 2 else json.dumps(cfg.to_dict_v1(), sort_keys=True)
 
 
 @dataclass
@@ -139,46 +161,72 @@ def validate_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], has_tok
         raise EngineFormatError(f"missing required tensors: {missing[:5]}{more}")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
-        raise EngineFormatError(f"unexpected tensors (not part of format v{FORMAT_VERSION} for this config): "
+        raise EngineFormatError(f"unexpected tensors (not part of the format for this config): "
                                 f"{unexpected[:5]}")
     for name, (shape, kind) in expected.items():
-        t = tensors[name]
-        if kind == "bytes":
-            if t.dtype != torch.uint8 or t.dim() != 1:
-                raise EngineFormatError(f"tensor {name!r} must be 1-D uint8, got {t.dtype} {tuple(t.shape)}")
-            continue
-        if tuple(t.shape) != shape:
-            raise EngineFormatError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape} for this config")
-        if kind == "packed":
-            if t.dtype != torch.uint8:
-                raise EngineFormatError(f"tensor {name!r} must be uint8 (packed ternary), got {t.dtype}")
-            # Code 3 is not a ternary value: bits (2j, 2j+1) both set in some 2-bit lane.
-            if bool(((t & (t >> 1)) & 0x55).any()):
-                raise EngineFormatError(f"tensor {name!r} contains the invalid 2-bit code 3 (corrupt data)")
-        elif kind == "scales":
-            if t.dtype != torch.float32:
-                raise EngineFormatError(f"tensor {name!r} (weight scales) must be float32, got {t.dtype}")
-            if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
-                raise EngineFormatError(f"tensor {name!r} has non-finite or non-positive scales: {t.tolist()}")
-        elif kind == "q8":
-            if t.dtype != torch.int8:
-                raise EngineFormatError(f"tensor {name!r} (int8 head) must be int8, got {t.dtype}")
-            if bool((t == -128).any()):
-                raise EngineFormatError(f"tensor {name!r} holds -128; the int8 head's values lie in [-127, 127]")
-        elif kind == "head_scales":
-            if t.dtype != torch.float32:
-                raise EngineFormatError(f"tensor {name!r} (int8 head scales) must be float32, got {t.dtype}")
-            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                raise EngineFormatError(f"tensor {name!r} has non-finite or negative scales")
-        elif t.dtype not in FLOAT_DTYPES:
-            raise EngineFormatError(f"tensor {name!r} must be float16, bfloat16 or float32, got {t.dtype}")
-        elif not bool(torch.isfinite(t).all()):
-            raise EngineFormatError(f"tensor {name!r} contains NaN or infinite values")
+        check_tensor(name, tensors[name], shape, kind)
+
+
+def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], kind: str) -> None:
+    """One tensor against its expected shape and kind (expected_tensors); raise EngineFormatError."""
+    if kind == "bytes":
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise EngineFormatError(f"tensor {name!r} must be 1-D uint8, got {t.dtype} {tuple(t.shape)}")
+        return
+    if tuple(t.shape) != shape:
+        raise EngineFormatError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape} for this config")
+    if kind == "packed":
+        if t.dtype != torch.uint8:
+            raise EngineFormatError(f"tensor {name!r} must be uint8 (packed ternary), got {t.dtype}")
+        # Code 3 is not a ternary value: bits (2j, 2j+1) both set in some 2-bit lane.
+        if bool(((t & (t >> 1)) & 0x55).any()):
+            raise EngineFormatError(f"tensor {name!r} contains the invalid 2-bit code 3 (corrupt data)")
+    elif kind == "scales":
+        if t.dtype != torch.float32:
+            raise EngineFormatError(f"tensor {name!r} (weight scales) must be float32, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+            raise EngineFormatError(f"tensor {name!r} has non-finite or non-positive scales: {t.tolist()}")
+    elif kind == "q8":
+        if t.dtype != torch.int8:
+            raise EngineFormatError(f"tensor {name!r} (int8 head) must be int8, got {t.dtype}")
+        if bool((t == -128).any()):
+            raise EngineFormatError(f"tensor {name!r} holds -128; the int8 head's values lie in [-127, 127]")
+    elif kind == "head_scales":
+        if t.dtype != torch.float32:
+            raise EngineFormatError(f"tensor {name!r} (int8 head scales) must be float32, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise EngineFormatError(f"tensor {name!r} has non-finite or negative scales")
+    elif t.dtype not in FLOAT_DTYPES:
+        raise EngineFormatError(f"tensor {name!r} must be float16, bfloat16 or float32, got {t.dtype}")
+    elif not bool(torch.isfinite(t).all()):
+        raise EngineFormatError(f"tensor {name!r} contains NaN or infinite values")
 
 
 # ---------------------------------------------------------------------------------------------
 # Writer
 # ---------------------------------------------------------------------------------------------
+
+
+def _metadata(config: ModelConfig, sparsity: SparsityConfig, info: dict[str, Any], source: str) -> dict[str, str]:
+    version = required_version(config, sparsity)
+    return {
+        "format": FORMAT_NAME,
+        "format_version": str(version),
+        "config": config_json(config, version),
+        "sparsity": json.dumps(sparsity.to_dict(), sort_keys=True),
+        "tokenizer": json.dumps(info, sort_keys=True),
+        "source": source,
+    }
+
+
+def _tokenizer_info(tokenizer_info: dict[str, Any] | None) -> dict[str, Any]:
+    info = dict(tokenizer_info or {"kind": "none"})
+    info.setdefault("bos_id", None)
+    info.setdefault("eos_ids", [])
+    info.setdefault("pad_id", None)
+    info.setdefault("chat_template", None)
+    info.setdefault("special_tokens", {})
+    return info
 
 
 def write_engine(path: str | os.PathLike, config: ModelConfig, sparsity: SparsityConfig,
@@ -187,28 +235,79 @@ def write_engine(path: str | os.PathLike, config: ModelConfig, sparsity: Sparsit
     """Validate and write an engine file atomically. `tensors` excludes `tokenizer.bytes` (pass the bytes).
     overwrite=False fails with FileExistsError if `path` exists when the finished file is moved there."""
     path = Path(path)
-    info = dict(tokenizer_info or {"kind": "none"})
-    info.setdefault("bos_id", None)
-    info.setdefault("eos_ids", [])
-    info.setdefault("pad_id", None)
-    info.setdefault("chat_template", None)
-    info.setdefault("special_tokens", {})
+    info = _tokenizer_info(tokenizer_info)
     all_tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if tokenizer_bytes is not None:
         all_tensors["tokenizer.bytes"] = torch.frombuffer(bytearray(tokenizer_bytes), dtype=torch.uint8)
     validate_tokenizer_info(info, tokenizer_bytes is not None)
     validate_tensors(config, all_tensors, tokenizer_bytes is not None)
     check_topk(config, sparsity)
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "config": config.to_json(),
-        "sparsity": json.dumps(sparsity.to_dict(), sort_keys=True),
-        "tokenizer": json.dumps(info, sort_keys=True),
-        "source": source,
-    }
+    metadata = _metadata(config, sparsity, info, source)
     if Q8 in all_tensors:
         metadata["lm_head"] = "int8"  # the tensors are the truth; this key makes the choice visible to tools
+    return _atomic_write(path, overwrite, lambda f: write_safetensors(f, all_tensors, metadata))
+
+
+def write_engine_stream(path: str | os.PathLike, config: ModelConfig, sparsity: SparsityConfig,
+                        specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                        produce: Iterable[tuple[str, torch.Tensor]], tokenizer_info: dict[str, Any] | None = None,
+                        tokenizer_bytes: bytes | None = None, source: str = "", overwrite: bool = True,
+                        on_bytes: Callable[[int], None] | None = None) -> Path:
+    """Write an engine file tensor by tensor, so that no more than one tensor is held at a time.
+
+    `specs` names every tensor (tokenizer.bytes excluded) with its shape and dtype, in the order `produce` yields
+    them; that order is the file's (it must not widen the element size: safetensors' data is unpadded, so wider
+    tensors go first to stay aligned). The set is checked against the config before anything is written, each
+    tensor against its spec (and for NaN / inf) as it arrives; any error removes the temp file, and the finished
+    file is renamed into place as write_engine does. on_bytes(n) reports progress."""
+    path = Path(path)
+    info = _tokenizer_info(tokenizer_info)
+    validate_tokenizer_info(info, tokenizer_bytes is not None)
+    check_topk(config, sparsity)
+    expected = expected_tensors(config, tokenizer_bytes is not None)
+    expected.pop("tokenizer.bytes", None)
+    if set(specs) != set(expected):
+        missing, extra = sorted(set(expected) - set(specs)), sorted(set(specs) - set(expected))
+        raise EngineFormatError(f"tensor set does not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
+    sizes = []
+    for name, (shape, dtype) in specs.items():
+        want, kind = expected[name]
+        if tuple(shape) != want:
+            raise EngineFormatError(f"tensor {name!r} has shape {tuple(shape)}, expected {want} for this config")
+        if kind == "float" and dtype not in FLOAT_DTYPES:
+            raise EngineFormatError(f"tensor {name!r} must be float16, bfloat16 or float32, got {dtype}")
+        sizes.append(torch.empty((), dtype=dtype).element_size())
+    if any(b > a for a, b in zip(sizes, sizes[1:])):
+        raise ValueError("write_engine_stream: specs must not widen the element size from one tensor to the next")
+    metadata = _metadata(config, sparsity, info, source)
+    header_specs = dict(specs)
+    if tokenizer_bytes is not None:
+        header_specs["tokenizer.bytes"] = ((len(tokenizer_bytes),), torch.uint8)
+
+    def write(f) -> None:
+        _write_header(f, header_specs, metadata)
+        produced = iter(produce)
+        for name, (shape, dtype) in specs.items():
+            got = next(produced, None)
+            if got is None or got[0] != name:
+                raise ValueError(f"write_engine_stream: expected tensor {name!r} next, got "
+                                 f"{None if got is None else got[0]!r}")
+            t = got[1].detach().cpu().contiguous()
+            if t.dtype != dtype:
+                raise EngineFormatError(f"tensor {name!r} is {t.dtype}, but the file header says {dtype}")
+            check_tensor(name, t, expected[name][0], expected[name][1])
+            _write_data(f, t)
+            if on_bytes is not None:
+                on_bytes(t.numel() * t.element_size())
+        if tokenizer_bytes is not None:
+            f.write(tokenizer_bytes)
+
+    return _atomic_write(path, overwrite, write)
+
+
+def _atomic_write(path: Path, overwrite: bool, write: Callable[[Any], None]) -> Path:
+    """Run write(f) on a temp file of our own beside `path`, fsync it and rename it into place; any error (and
+    Ctrl-C, SIGTERM) removes the temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_file():
         raise EngineFormatError(f"{path} exists and is not a regular file; refusing to replace it")
@@ -219,7 +318,7 @@ def write_engine(path: str | os.PathLike, config: ModelConfig, sparsity: Sparsit
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            write_safetensors(f, all_tensors, metadata)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if overwrite and path.is_file():  # --force keeps the replaced file's permissions
@@ -241,21 +340,29 @@ def write_safetensors(f, tensors: dict[str, torch.Tensor], metadata: dict[str, s
     """Stream `tensors` into the open binary file f in the safetensors layout (8-byte header length, JSON
     header padded to 8 bytes, then the data), one tensor at a time."""
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    _write_header(f, {n: (tuple(tensors[n].shape), tensors[n].dtype) for n in order}, metadata)
+    for name in order:
+        _write_data(f, tensors[name])
+
+
+def _write_header(f, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str]) -> None:
+    """The safetensors header for tensors laid out in the order of `specs` (name -> (shape, dtype))."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for name in order:
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+    for name, (shape, dtype) in specs.items():
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
-    for name in order:
-        t = tensors[name].contiguous().reshape(-1)
-        if t.numel():
-            f.write(t.view(torch.uint8).numpy().data)
+
+
+def _write_data(f, t: torch.Tensor) -> None:
+    t = t.contiguous().reshape(-1)
+    if t.numel():
+        f.write(t.view(torch.uint8).numpy().data)
 
 
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
@@ -358,8 +465,20 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
-def read_engine(path: str | os.PathLike) -> EngineFile:
-    """Read and fully validate an engine file. Tensors are returned on the CPU."""
+@dataclass
+class EngineMetadata:
+    """What an engine file's header says, without its tensors (read_metadata)."""
+
+    format_version: int
+    config: ModelConfig
+    sparsity: SparsityConfig
+    tokenizer_info: dict[str, Any]
+    source: str
+    header: dict[str, Any] = field(repr=False)
+
+
+def read_metadata(path: str | os.PathLike) -> EngineMetadata:
+    """Parse and check the header and metadata of an engine file, reading no tensor data."""
     header = read_header(path)
     path = Path(path)
     meta = header.get("__metadata__") or {}
@@ -382,6 +501,18 @@ def read_engine(path: str | os.PathLike) -> EngineFile:
     cfg = _parse_meta(path, meta, "config", ModelConfig.from_dict)
     sparsity = _parse_meta(path, meta, "sparsity", SparsityConfig.from_dict)
     info = _parse_meta(path, meta, "tokenizer", lambda d: d)
+    if required_version(cfg, sparsity) > version:
+        raise EngineFormatError(f"{path}: format_version {version} cannot hold this config (precision "
+                                f"{cfg.precision!r}, sparsity {sparsity.describe()}): it needs version "
+                                f"{required_version(cfg, sparsity)}")
+    return EngineMetadata(version, cfg, sparsity, info, meta.get("source", ""), header)
+
+
+def read_engine(path: str | os.PathLike) -> EngineFile:
+    """Read and fully validate an engine file. Tensors are returned on the CPU."""
+    m = read_metadata(path)
+    path, header, meta = Path(path), m.header, m.header.get("__metadata__") or {}
+    version, cfg, sparsity, info = m.format_version, m.config, m.sparsity, m.tokenizer_info
     # Sizes the metadata claims are checked against the file before anything is built from them.
     has_tok = "tokenizer.bytes" in header
     file_layers = len({m.group(1) for m in map(_LAYER_RE.match, header) if m})
@@ -423,7 +554,8 @@ def _parse_meta(path: Path, meta: dict[str, str], key: str, build):
 
 
 def build_reference(ef: EngineFile, sparsity: SparsityConfig | None = None):
-    """The reference `Transformer` (CPU, fp32 norms/embeddings) holding the file's unpacked ternary weights."""
+    """The reference `Transformer` (CPU, fp32 norms/embeddings) holding the file's weights: unpacked ternary
+    ones, or the full-precision ones widened to fp32."""
     from .reference import Transformer
 
     cfg = ef.config
@@ -446,6 +578,18 @@ def build_reference(ef: EngineFile, sparsity: SparsityConfig | None = None):
                 block.mlp.sub_norm.weight.copy_(t[p + "ffn_sub_norm"].float())
             mods = {"q": block.attn.q, "k": block.attn.k, "v": block.attn.v, "o": block.attn.o,
                     "gate": block.mlp.gate, "up": block.mlp.up, "down": block.mlp.down}
+            if cfg.attn_bias:
+                q_b, k_b, v_b = torch.split(t[p + "qkv.bias"].float(), [cfg.q_size, cfg.kv_size, cfg.kv_size])
+                block.attn.q_bias.copy_(q_b)
+                block.attn.k_bias.copy_(k_b)
+                block.attn.v_bias.copy_(v_b)
+            if cfg.precision != "ternary":
+                for group, (members, _) in GROUPS.items():
+                    _, segs, _ = group_geometry(cfg, group)
+                    cols = torch.split(t[p + group + ".weight_t"], segs, dim=1)
+                    for name, part in zip(members, cols):
+                        mods[name].weight.copy_(part.t().float())
+                continue
             for group, (members, _) in GROUPS.items():
                 _, segs, layout = group_geometry(cfg, group)
                 full = unpack_ternary(t[p + group + ".packed"], segs, layout)

@@ -7,6 +7,11 @@ BitLinear, as Q-Sparse runs it at inference, for one token x of D channels and K
   acc   = sum_k q[k] * T[n, k]                    # int32, exact
   y[n]  = acc * (gamma * beta / 127)              # beta: the per-tensor absmean weight scale
 The largest |x| is always kept (K >= 1), so quantizing before or after the mask gives the same scale.
+
+Full precision (config.precision "bf16"), for one token x of D channels: y = (x ⊙ M) · Wᵀ + b with M the same
+top-K mask (sparsify_topk); with topk_rescale "l2" the kept values are then multiplied by ||x||₂ / ||x ⊙ M||₂
+(the paper re-scales the sparsified tensor by its L2 norm; this is our reading: the norm the top-K removed is
+put back, so K = D changes nothing). fp32 throughout; weights are read as stored (bf16) and widened exactly.
 """
 from __future__ import annotations
 
@@ -65,6 +70,34 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     keys = _rank_keys(x)
     kth = torch.topk(keys, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     return keys >= kth
+
+
+def l2_rescale(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """||x||₂ / ||kept||₂ per row [..., 1] (fp32; 1 where kept is all zero, i.e. x is)."""
+    full = x.float().pow(2).sum(-1, keepdim=True)
+    part = kept.float().pow(2).sum(-1, keepdim=True)
+    return torch.where(part > 0, torch.sqrt(full) / torch.sqrt(part.clamp(min=1e-30)), torch.ones_like(part))
+
+
+def sparsify_topk(x: torch.Tensor, k: int, rescale: str = "none") -> torch.Tensor:
+    """Full-precision Q-Sparse input: x (fp32) with only its top-k |x| channels kept (ties: the lower index),
+    then, with rescale "l2", multiplied by l2_rescale. k == D returns x unchanged."""
+    x = x.float()
+    if k >= x.shape[-1]:
+        return x
+    kept = torch.where(topk_mask(x, k), x, torch.zeros_like(x))
+    if rescale == "l2":
+        kept = kept * l2_rescale(x, kept)
+    elif rescale != "none":
+        raise ValueError(f"rescale must be 'none' or 'l2', got {rescale!r}")
+    return kept
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, k: int, bias: torch.Tensor | None = None,
+                 rescale: str = "none") -> torch.Tensor:
+    """Reference full-precision projection: weight [N, D] (any float dtype, widened to fp32), fp32 [..., N]."""
+    y = sparsify_topk(x, k, rescale) @ weight.float().t()
+    return y if bias is None else y + bias.float()
 
 
 def quantize_sparse_int8(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

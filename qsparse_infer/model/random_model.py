@@ -1,4 +1,5 @@
-"""Random engine tensors of a given shape, for tests and `qsparse bench --shape`.
+"""Random engine tensors of a given shape, for tests and `qsparse bench --shape` (ternary shapes, and
+"llama8b-bf16": full-precision bf16 weights of Llama-3-8B's shape).
 
 The packed groups are drawn directly as 2-bit codes (uniform over {-1, 0, +1}) on the target device, so a
 2B-parameter benchmark model is generated on the GPU in a second instead of going through a 1 GB file.
@@ -6,6 +7,7 @@ Scales are ~1/sqrt(2D/3), which keeps the residual stream's scale roughly consta
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -29,6 +31,8 @@ SHAPES: dict[str, ModelConfig] = {
                        num_kv_heads=8, head_dim=128, max_seq_len=8192, rope_theta=500000.0, activation="silu",
                        attn_sub_norm=False, ffn_sub_norm=False, tie_word_embeddings=False),
 }
+# Llama-3-8B's shape with full-precision (bf16) weights (format v2): the issue-18 benchmark shape
+SHAPES["llama8b-bf16"] = dataclasses.replace(SHAPES["8b"], precision="bf16")
 
 
 def random_packed(d: int, segments: tuple[int, ...] | list[int], layout: str, gen: torch.Generator,
@@ -69,8 +73,13 @@ def random_tensors(cfg: ModelConfig, *, seed: int = 0, device: torch.device | st
             t[p + "attn_sub_norm"] = norm(cfg.q_size)
         if cfg.ffn_sub_norm:
             t[p + "ffn_sub_norm"] = norm(cfg.intermediate_size)
+        if cfg.attn_bias:
+            t[p + "qkv.bias"] = normal((cfg.q_size + 2 * cfg.kv_size,), 0.02)
         for g in ("qkv", "o", "gate_up", "down"):
             d, segs, layout = group_geometry(cfg, g)
+            if cfg.precision != "ternary":  # bf16 rows: N(0, 1/D) keeps the residual stream's scale
+                t[p + g + ".weight_t"] = normal((d, sum(segs)), 1.0 / math.sqrt(d))
+                continue
             t[p + g + ".packed"] = random_packed(d, segs, layout, gen, device)
             base = 1.0 / math.sqrt(2.0 * d / 3.0)
             t[p + g + ".scales"] = (base * (0.8 + 0.4 * torch.rand(len(segs), generator=gen, device=device))).float()
@@ -79,6 +88,6 @@ def random_tensors(cfg: ModelConfig, *, seed: int = 0, device: torch.device | st
 
 def random_engine(cfg: ModelConfig, sparsity: SparsityConfig | None = None, **kw) -> SimpleNamespace:
     """An EngineFile-like object (config, sparsity, tensors, no tokenizer) with random tensors."""
-    return SimpleNamespace(format_version=1, config=cfg, sparsity=sparsity or SparsityConfig(),
+    return SimpleNamespace(format_version=1 if cfg.precision == "ternary" else 2, config=cfg, sparsity=sparsity or SparsityConfig(),
                            tokenizer_info={"kind": "none"}, tokenizer_bytes=None, tensors=random_tensors(cfg, **kw),
                            source="random")

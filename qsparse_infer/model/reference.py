@@ -1,9 +1,11 @@
 """The reference model: pure PyTorch, fp32 math, CPU or GPU. It is the spec the CUDA engine must match.
 
-A Llama-style pre-norm decoder: RMSNorm, GQA attention with half-split ("rotate_half") RoPE, optional
-attention/FFN sub-norms (BitNet b1.58), ReLU²-GLU or SiLU-GLU, tied or untied LM head. Every projection
-is a BitLinear (quant.bitlinear) with its group's top-K sparsity. The projection class is pluggable, so
-the training tool runs this same architecture with latent weights and straight-through estimators.
+A Llama-style pre-norm decoder: RMSNorm, GQA attention with half-split ("rotate_half") RoPE (optionally scaled
+as Llama 3 or linearly), optional q/k/v biases (Qwen2), optional attention/FFN sub-norms (BitNet b1.58),
+ReLU²-GLU or SiLU-GLU, tied or untied LM head. Every projection has its group's top-K sparsity on its input: a
+BitLinear (quant.bitlinear) for precision "ternary", a full-precision product (quant.dense_linear, with the
+optional L2 re-scale) for "bf16". The projection class is pluggable, so the training tool runs this same
+architecture with latent weights and straight-through estimators.
 """
 from __future__ import annotations
 
@@ -17,10 +19,15 @@ from torch import nn
 
 from .config import ModelConfig, SparsityConfig, topk_count
 from .head_int8 import int8_head_logits
-from .quant import bitlinear, topk_mask
+from .quant import bitlinear, dense_linear, topk_mask
 
-# Projection name -> sparsity group whose ratio applies to its input.
+# Projection name -> sparsity group whose ratio applies to its input ("up" is the gate's unless set apart).
 PROJ_GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
+
+
+def proj_ratio(sparsity: SparsityConfig, proj: str) -> float:
+    """The sparsity ratio of one projection's input."""
+    return sparsity.up_ratio if proj == "up" else getattr(sparsity, PROJ_GROUP[proj])
 
 
 class RMSNorm(nn.Module):
@@ -48,13 +55,59 @@ class TernaryLinear(nn.Module):
         return bitlinear(x, self.ternary, self.beta, self.k)
 
 
+class DenseLinear(nn.Module):
+    """Inference full-precision projection: weight [out, in] (fp32 here; bf16 in the file, widened exactly),
+    top-K on the input, optional L2 re-scale (quant.dense_linear). Biases live in Attention, not here."""
+
+    def __init__(self, in_features: int, out_features: int, rescale: str = "none") -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float32))
+        self.rescale = rescale
+        self.k = in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_linear(x, self.weight, self.k, rescale=self.rescale)
+
+
 LinearFactory = Callable[[int, int], nn.Module]
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def default_linear(cfg: ModelConfig) -> LinearFactory:
+    """The inference projection class of a config's precision."""
+    if cfg.precision == "ternary":
+        return TernaryLinear
+    return lambda d_in, d_out: DenseLinear(d_in, d_out, cfg.topk_rescale)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim / 2] (fp32), as transformers computes them:
+    default: theta^(-2i/hd); "linear": divided by factor; "llama3": wavelengths 2π/f longer than
+    original_max / low_freq_factor divided by factor, shorter than original_max / high_freq_factor kept, and in
+    between a blend: (1 - a) f / factor + a f with a = (original_max / wavelength - low) / (high - low)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if scaling is None:
+        return inv
+    kind, factor = scaling["rope_type"], float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_type {kind!r}")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    a = (old / wavelen - low) / (high - low)
+    blended = (1 - a) * scaled / factor + a * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [T, head_dim] for the half-split layout, computed in fp32 as transformers does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
-                                .float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -91,10 +144,21 @@ class Attention(nn.Module):
         self.v = make_linear(cfg.hidden_size, cfg.kv_size)
         self.o = make_linear(cfg.q_size, cfg.hidden_size)
         self.sub_norm = RMSNorm(cfg.q_size, cfg.rms_norm_eps) if cfg.attn_sub_norm else None
+        if cfg.attn_bias:  # Qwen2: added after the (sparse) product, never sparsified
+            self.q_bias = nn.Parameter(torch.zeros(cfg.q_size))
+            self.k_bias = nn.Parameter(torch.zeros(cfg.kv_size))
+            self.v_bias = nn.Parameter(torch.zeros(cfg.kv_size))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+
+    def _proj(self, lin: nn.Module, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        y = lin(x)
+        return y if bias is None else y + bias.float()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
-        out = self.attend(self.q(x), self.k(x), self.v(x), cos, sin, cache, layer, start)
+        out = self.attend(self._proj(self.q, self.q_bias, x), self._proj(self.k, self.k_bias, x),
+                          self._proj(self.v, self.v_bias, x), cos, sin, cache, layer, start)
         if self.sub_norm is not None:
             out = self.sub_norm(out)
         return self.o(out)
@@ -107,9 +171,9 @@ class Attention(nn.Module):
         and element-wise, so each row gets what `forward` gives it), cache append and attention per segment."""
         cfg, t = self.cfg, x.shape[0]
         cos, sin = rope
-        q = apply_rope(self.q(x).view(t, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(self.k(x).view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = self.v(x).view(t, cfg.num_kv_heads, cfg.head_dim)
+        q = apply_rope(self._proj(self.q, self.q_bias, x).view(t, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(self._proj(self.k, self.k_bias, x).view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = self._proj(self.v, self.v_bias, x).view(t, cfg.num_kv_heads, cfg.head_dim)
         outs, r = [], 0
         for n, cache in segs:
             outs.append(self._attend_rotated(q[r:r + n], k[r:r + n], v[r:r + n], cache, layer, cache.length))
@@ -190,8 +254,9 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, sparsity: SparsityConfig | None = None,
-                 make_linear: LinearFactory = TernaryLinear) -> None:
+                 make_linear: LinearFactory | None = None) -> None:
         super().__init__()
+        make_linear = make_linear or default_linear(cfg)
         self.cfg = cfg
         self.embed = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList([Block(cfg, make_linear) for _ in range(cfg.num_layers)])
@@ -214,7 +279,7 @@ class Transformer(nn.Module):
     def set_sparsity(self, sparsity: SparsityConfig) -> None:
         self.sparsity = sparsity
         for _, name, lin in self.projections():
-            lin.k = topk_count(lin.in_features, getattr(sparsity, PROJ_GROUP[name]))
+            lin.k = topk_count(lin.in_features, proj_ratio(sparsity, name))
 
     def set_int8_head(self, q: torch.Tensor | None, scales: torch.Tensor | None) -> None:
         """Use the int8 head Q [V, H] int8 with per-row scales [V] (None, None: back to the float head)."""
@@ -236,7 +301,7 @@ class Transformer(nn.Module):
         if start + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds the context of {self.cfg.max_seq_len}")
         positions = torch.arange(start, start + t, device=ids.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         h = self.embed[ids].float()
         for i, block in enumerate(self.layers):
             h = block(h, cos, sin, cache, i, start)
@@ -273,7 +338,7 @@ class Transformer(nn.Module):
                                  f"{self.cfg.max_seq_len}")
         ids = torch.cat([i for i, _ in segments])
         tables = [rope_cos_sin(torch.arange(c.length, c.length + i.numel(), device=ids.device), self.cfg.head_dim,
-                               self.cfg.rope_theta) for i, c in segments]
+                               self.cfg.rope_theta, self.cfg.rope_scaling) for i, c in segments]
         rope = (torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables]))
         segs = [(i.numel(), c) for i, c in segments]
         h = self.embed[ids].float()

@@ -156,7 +156,7 @@ class GpuBatchRunner:
         self.k_pool = torch.zeros(pool, dtype=self.kv_dtype, device=dev)
         self.v_pool = torch.zeros(pool, dtype=self.kv_dtype, device=dev)
         self.kv_bytes = 2 * self.k_pool.numel() * self.k_pool.element_size()
-        cos, sin = rope_cos_sin(torch.arange(self.max_len), cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cos_sin(torch.arange(self.max_len), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         half = cfg.head_dim // 2
         self.cos_t = cos[:, :half].contiguous().to(dev)
         self.sin_t = sin[:, :half].contiguous().to(dev)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.config import ModelConfig, SparsityConfig
-from ..model.quant import ABSMAX_EPS, WEIGHT_EPS
+from ..model.config import ModelConfig, SparsityConfig, check_topk
+from ..model.quant import ABSMAX_EPS, WEIGHT_EPS, l2_rescale
 from ..model.reference import Transformer
 
 ARCHITECTURE = "QSparseForCausalLM"
@@ -66,12 +66,16 @@ def topk_keep_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(keys, dtype=torch.bool).scatter(-1, order, True)
 
 
-def sparsify_ste(x: torch.Tensor, k: int) -> torch.Tensor:
+def sparsify_ste(x: torch.Tensor, k: int, rescale: str = "none") -> torch.Tensor:
     """Top-K sparsification whose gradient passes through the mask to ALL inputs (Q-Sparse's STE):
-    forward keeps the k largest |x| per row and zeros the rest; backward is the identity."""
+    forward keeps the k largest |x| per row and zeros the rest (then, with rescale "l2", multiplies them by
+    ||x|| / ||kept||: quant.sparsify_topk's value); backward is the identity."""
     if k >= x.shape[-1]:
         return x
-    return ste(x, torch.where(topk_keep_mask(x, k), x, torch.zeros_like(x)))
+    kept = torch.where(topk_keep_mask(x, k), x, torch.zeros_like(x))
+    if rescale == "l2":
+        kept = kept * l2_rescale(x.detach(), kept.detach())
+    return ste(x, kept)
 
 
 class QSparseLinear(nn.Module):
@@ -85,13 +89,17 @@ class QSparseLinear(nn.Module):
     `ternary=False, int8=False` gives the full-precision baseline (plain linear, same mask).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, ternary: bool = True, int8: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, *, ternary: bool = True, int8: bool = True,
+                 rescale: str = "none") -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.normal_(self.weight, std=INIT_STD)
         self.k = in_features  # set by Transformer.set_sparsity
         self.ternary, self.int8 = ternary, int8
+        if rescale != "none" and (ternary or int8):
+            raise ValueError("the L2 re-scale after the top-K is for full-precision projections")
+        self.rescale = rescale
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, k={self.k}, "
@@ -120,7 +128,7 @@ class QSparseLinear(nn.Module):
             y = F.linear(ste(x_scaled, q), w)
             scale = gamma / 127.0 if beta is None else gamma * beta / 127.0
             return y.float() * scale
-        xs = sparsify_ste(x, self.k) if sparse else x
+        xs = sparsify_ste(x, self.k, self.rescale) if sparse else x
         y = F.linear(xs, w).float()
         return y if beta is None else y * beta
 
@@ -129,10 +137,14 @@ PRECISIONS = {"ternary": dict(ternary=True, int8=True), "fp": dict(ternary=False
 
 
 def build_model(cfg: ModelConfig, sparsity: SparsityConfig, precision: str = "ternary") -> Transformer:
-    """The reference Transformer with QSparseLinear projections and trainable embeddings/norms."""
+    """The reference Transformer with QSparseLinear projections and trainable embeddings/norms (a
+    full-precision config, cfg.precision "bf16", always trains full-precision projections)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    model = Transformer(cfg, sparsity, make_linear=functools.partial(QSparseLinear, **PRECISIONS[precision]))
+    if cfg.precision != "ternary":
+        precision = "fp"
+    model = Transformer(cfg, sparsity, make_linear=functools.partial(
+        QSparseLinear, **PRECISIONS[precision], **({"rescale": cfg.topk_rescale} if precision == "fp" else {})))
     nn.init.normal_(model.embed, std=INIT_STD)
     if model.lm_head is not None:
         nn.init.normal_(model.lm_head, std=INIT_STD)
@@ -305,8 +317,39 @@ def prepare_data(args: argparse.Namespace, out: Path):
     return tok_bytes, sp.get_piece_size(), train_stream, val_stream.windows(args.val_windows), info
 
 
+def prepare_start_data(args: argparse.Namespace, start):
+    """--init-from: the start's tokenizer over the corpus's works (split as prepare_data splits them) or over
+    --text (its last --val-fraction held out). -> (vocab, train stream, validation windows, description)."""
+    from . import data as td
+
+    tok, bos = start.tokenizer, start.tokenizer.bos_id
+    if args.text:
+        text = Path(args.text).read_text(encoding="utf-8")
+        ids = torch.tensor(tok.encode(text, add_bos=False), dtype=torch.int32)
+        cut = int(ids.numel() * (1 - args.val_fraction))
+        train_ids, val_ids = ids[:cut], ids[cut:]
+        info = {"text": Path(args.text).name, "val_fraction": args.val_fraction}
+    else:
+        works = td.load_works(args.data)
+        train_works, val_works = td.split_works(works, [n.strip() for n in args.val_works.split(",") if n.strip()])
+
+        def encode(ws):
+            return torch.tensor([t for w in ws for t in ([bos] if bos is not None else []) +
+                                 tok.encode(w.text, add_bos=False)], dtype=torch.int32)
+
+        train_ids, val_ids = encode(train_works), encode(val_works)
+        info = {"train_works": len(train_works), "val_works": [f"{w.name} ({w.title})" for w in val_works]}
+    window_bos = bos if args.window_bos == "every" else None
+    train_stream = td.TokenStream(train_ids, args.seq_len, window_bos)
+    val_stream = td.TokenStream(val_ids, args.seq_len, window_bos)
+    info.update({"train_tokens": int(train_ids.numel()), "val_tokens": int(val_ids.numel()),
+                 "vocab_size": start.config.vocab_size, "init_from": str(start.folder), "arch": start.arch})
+    return start.config.vocab_size, train_stream, val_stream.windows(args.val_windows), info
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Run (or resume) one training job; returns the summary also written to training.json."""
+    """Run (or resume) one training job; returns the summary also written to training.json. Callers other than
+    run() must set args.lr (its CLI default None means "pick by mode")."""
     from tqdm import tqdm
 
     out = Path(args.out)
@@ -322,17 +365,38 @@ def train(args: argparse.Namespace) -> dict:
         resume = torch.load(state_path, map_location="cpu", weights_only=False)
         saved = resume["args"]
         for key in ("hidden", "intermediate", "layers", "heads", "kv_heads", "seq_len", "sparsity",
-                    "precision", "untied", "vocab_size", "val_works", "batch_size", "window_bos"):
+                    "precision", "untied", "vocab_size", "val_works", "batch_size", "window_bos", "init_from",
+                    "text", "topk_rescale"):
             if saved.get(key) != getattr(args, key):
                 raise ValueError(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the "
                                  f"checkpoint was trained with {saved.get(key)!r}")
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
-    tok_bytes, vocab, stream, (val_x, val_y), data_info = prepare_data(args, out)
-    cfg = model_config_from_args(args, vocab)
     sparsity = SparsityConfig.parse(args.sparsity)
-    model = build_model(cfg, sparsity, args.precision).to(device)
+    start = None
+    if args.init_from:
+        from . import hf_init
+
+        start = hf_init.read_start(args.init_from, args.topk_rescale)
+        cfg = start.config
+        check_topk(cfg, sparsity)
+        if args.seq_len > cfg.max_seq_len:
+            raise ValueError(f"--seq-len {args.seq_len} exceeds the start model's context of {cfg.max_seq_len}")
+        tok_bytes = None
+        vocab, stream, (val_x, val_y), data_info = prepare_start_data(args, start)
+        model = build_model(cfg, sparsity)
+        hf_init.load_weights(model, start)
+        model = model.to(device)
+    else:
+        if args.text:
+            raise ValueError("--text needs --init-from (a from-scratch run trains its tokenizer on --data's works)")
+        if args.topk_rescale != "none":
+            raise ValueError("--topk-rescale l2 is for full-precision models (--init-from)")
+        tok_bytes, vocab, stream, (val_x, val_y), data_info = prepare_data(args, out)
+        cfg = model_config_from_args(args, vocab)
+        check_topk(cfg, sparsity)
+        model = build_model(cfg, sparsity, args.precision).to(device)
     opt = make_optimizer(model, args.lr, args.weight_decay)
     sched = Schedule(args.lr, args.warmup, args.steps, args.min_lr_ratio)
     gen = torch.Generator().manual_seed(args.seed)
@@ -350,17 +414,29 @@ def train(args: argparse.Namespace) -> dict:
     n_params = count_params(model)
     tokens_per_step = args.batch_size * args.seq_len
     summary = {"params": n_params, "params_non_embedding": n_params - model.embed.numel(),
-               "model": cfg.to_dict(), "sparsity": sparsity.to_dict(), "precision": args.precision,
+               "model": cfg.to_dict(), "sparsity": sparsity.to_dict(),
+               "precision": args.precision if start is None else "fp",
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "tokens_per_step": tokens_per_step, "data": data_info, "args": _training_args(args)}
     print(f"model: {n_params / 1e6:.2f}M params ({summary['params_non_embedding'] / 1e6:.2f}M non-embedding), "
-          f"sparsity {sparsity.describe()}, precision {args.precision}, device {summary['device']}", flush=True)
-    print(f"data: {data_info['train_works']} training works ({data_info['train_tokens']:,} tokens); "
-          f"validation: {', '.join(data_info['val_works'])} ({data_info['val_tokens']:,} tokens)", flush=True)
+          f"sparsity {sparsity.describe()}, precision {summary['precision']}, device {summary['device']}"
+          + (f", from {start.arch} {start.folder}" if start is not None else ""), flush=True)
+    if "train_works" in data_info:
+        print(f"data: {data_info['train_works']} training works ({data_info['train_tokens']:,} tokens); "
+              f"validation: {', '.join(data_info['val_works'])} ({data_info['val_tokens']:,} tokens)", flush=True)
+    else:
+        print(f"data: {data_info['text']}: {data_info['train_tokens']:,} training tokens, the last "
+              f"{data_info['val_tokens']:,} for validation", flush=True)
+
+    def save_folder(folder: Path, extra: dict) -> None:
+        dtype = choose_save_dtype(model, args.save_dtype)
+        if start is not None:
+            hf_init.save_folder(folder, model, start, sparsity, dtype, extra=extra)
+        else:
+            save_model_folder(folder, model, tok_bytes, dtype, extra=extra)
 
     def save() -> None:
-        dtype = choose_save_dtype(model, args.save_dtype)
-        save_model_folder(out, model, tok_bytes, dtype, extra=summary)
+        save_folder(out, summary)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                     "step": step, "tokens_seen": tokens_seen, "best_val": best_val, "curves": curves,
                     "wall_s": wall_before + time.time() - t0, "args": _training_args(args)}, state_path)
@@ -373,8 +449,7 @@ def train(args: argparse.Namespace) -> dict:
         if v < best_val:
             best_val = v
             if args.keep_best:
-                save_model_folder(out / "best", model, tok_bytes, choose_save_dtype(model, args.save_dtype),
-                                  extra={**summary, "step": step, "val_loss": v})
+                save_folder(out / "best", {**summary, "step": step, "val_loss": v})
         return v
 
     t0 = time.time()
@@ -385,6 +460,9 @@ def train(args: argparse.Namespace) -> dict:
     loss_acc, acc_n, t_log, tok_log = torch.zeros((), device=device), 0, time.time(), tokens_seen
     val_loss = float("nan")
     stopped_early = False
+    if start is not None and step == 0:  # the start's loss at this sparsity (training-free): the curve's origin
+        val_loss = validate()
+        print(f"step 0 (the start, training-free) val_loss {val_loss:.4f}", flush=True)
     while step < args.steps:
         lr = sched(step)
         for g in opt.param_groups:
@@ -454,6 +532,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--val-works", default=",".join(DEFAULT_VAL_WORKS),
                    help="comma-separated works held out for validation (default: %(default)s)")
     d.add_argument("--tokenizer", default=None, help="existing tokenizer.model (default: train one on the training works)")
+    d.add_argument("--text", default=None,
+                   help="with --init-from: train on this UTF-8 text file instead of --data (its last --val-fraction "
+                        "held out)")
+    d.add_argument("--val-fraction", type=float, default=0.05, help="share of --text held out for validation")
     d.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
     d.add_argument("--val-windows", type=int, default=None, help="cap on validation windows (default: all)")
     d.add_argument("--window-bos", choices=("every", "doc"), default="every",
@@ -470,10 +552,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--sparsity", default="0.6", help="one ratio or attn,o,mlp,down (default: %(default)s)")
     m.add_argument("--precision", choices=sorted(PRECISIONS), default="ternary",
                    help="ternary (BitNet b1.58 + int8) or fp (full-precision baseline)")
+    m.add_argument("--init-from", default=None,
+                   help="continue-train a full-precision Hugging Face model (LlamaForCausalLM, MistralForCausalLM, "
+                        "Qwen2ForCausalLM folder) at --sparsity with the STE top-K; the model options above are "
+                        "then the start's, and OUT is a folder of the same architecture")
+    m.add_argument("--topk-rescale", choices=("none", "l2"), default="none",
+                   help="with --init-from: the paper's L2 re-scale after each top-K (recorded for qsparse convert)")
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=2000)
     o.add_argument("--batch-size", type=int, default=32)
-    o.add_argument("--lr", type=float, default=3e-3)
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3; 3e-4 with --init-from)")
     o.add_argument("--min-lr-ratio", type=float, default=0.1)
     o.add_argument("--warmup", type=int, default=100)
     o.add_argument("--weight-decay", type=float, default=0.1)
@@ -495,6 +583,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.lr is None:
+        args.lr = 3e-4 if args.init_from else 3e-3
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
     for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "vocab_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

@@ -79,8 +79,8 @@ def test_wrong_format_and_version(tmp_path, model):
     t = engine_tensors(model)
     with pytest.raises(EngineFormatError, match="not a qsparse-infer engine file"):
         read_engine(_raw(tmp_path / "a", t, {"format": "pt"}))
-    with pytest.raises(EngineFormatError, match="unsupported format_version 2"):
-        read_engine(_raw(tmp_path / "b", t, {"format_version": "2"}))
+    with pytest.raises(EngineFormatError, match="unsupported format_version 3"):
+        read_engine(_raw(tmp_path / "b", t, {"format_version": "3"}))
     with pytest.raises(EngineFormatError, match="no 'config' entry"):
         read_engine(_raw(tmp_path / "c", t, drop_meta=("config",)))
     with pytest.raises(EngineFormatError, match="invalid 'config' metadata"):
