@@ -20,6 +20,11 @@ CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=90 python3 -m pip install -q --no-build-is
   || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 cd /tmp  # import the installed package (with _C), not the source tree
+serve_deps() {  # the HTTP stack for the serve targets, from the wheels carried in .whl/ when it is missing
+  python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null || python3 -m pip install -q --no-index \
+    --find-links "$SRC/.whl" fastapi uvicorn httpx openai prometheus-client > "$OUT/serve-deps.log" 2>&1 \
+    || echo "serve deps: install failed (see serve-deps.log)"
+}
 for what in "$@"; do
   case $what in
     tests)
@@ -82,17 +87,25 @@ for what in "$@"; do
     batched_decode)
       timeout ${BATCHED_TIMEOUT:-300} python3 "$SRC/bench/batched_decode.py" --batches ${BATCHES:-1,4,16,64} --sparsity 0,0.6 ${DECODE_ARGS:---torch} \
         --json "$OUT/batched-decode.json" 2>&1 | tee "$OUT/batched-decode.log" | tail -20 ;;
-    serve_bench)  # needs fastapi/uvicorn/httpx on the machine (wheels: see the device README's notes)
-      timeout ${SERVE_TIMEOUT:-300} python3 "$SRC/bench/serve.py" --launch --shape 2b4t --sparsity 0,0.6 --max-batch 64 \
-        --prefill-chunk 1024 --concurrency 1,4,16,64 --prompt-len 128 --new-tokens 128 --min-requests 16 \
-        --json "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -30 ;;
-    soak)  # issue 9: 64 clients for 2 minutes against the GPU server, every response checked (bench/soak.py)
-      timeout 400 python3 "$SRC/bench/soak.py" --launch --shape 2b4t --sparsity ${SOAK_SPARSITY:-0.6} --max-batch 64 \
-        --clients 64 --seconds 120 --max-tokens 128 --prompt-len 128 --json "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" | tail -25 ;;
+    serve_bench)  # issue 17: HTTP at N = 1, 4, 16, 64 beside the runner alone and the torch bf16 peer at B = N, and one
+      # 4096-token prompt among 16 streams (bench/serve.py; ~4-6 min with SERVE_SPARSITY=0, most of it the peer's
+      # torch.compile per B: SERVE_PEER_EAGER=1 skips compiling). Writes after every phase, so a cut run keeps data.
+      serve_deps
+      timeout ${SERVE_TIMEOUT:-420} python3 "$SRC/bench/serve.py" --launch --shape 2b4t --sparsity ${SERVE_SPARSITY:-0} \
+        --max-batch 64 --prefill-chunk ${SERVE_PREFILL_CHUNK:-512} --concurrency 1,4,16,64 --prompt-len 128 --new-tokens 128 \
+        --min-requests 64 --min-rounds 3 --max-rounds 8 --long-prompt 4096 --long-among 16 --runner --peer \
+        ${SERVE_PEER_EAGER:+--peer-eager} ${SERVE_ARGS:-} --json "$OUT/serve-h200.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
+    soak)  # issues 9 + 17: 64 clients for 2 minutes, every response checked, the hostile battery mixed in, server RSS
+      serve_deps
+      timeout ${SOAK_TIMEOUT:-300} python3 "$SRC/bench/soak.py" --launch --shape 2b4t --sparsity ${SOAK_SPARSITY:-0.6} --max-batch 64 \
+        --clients 64 --seconds ${SOAK_SECONDS:-120} --max-tokens 128 --prompt-len 128 --hostile ${SOAK_HOSTILE:-light} \
+        --json "$OUT/soak-h200.json" 2>&1 | tee "$OUT/soak.log" | tail -25 ;;
     hostile)  # issue 17: the hostile battery (bench/hostile.py), heavy cases included, against `qsparse serve` on the GPU
+      serve_deps
       timeout 300 python3 "$SRC/bench/hostile.py" --launch --device cuda --heavy --timeout-header 5 --timeout-body 5 \
         --max-connections 1000 --json "$OUT/hostile.json" 2>&1 | tee "$OUT/hostile.log" | tail -30 ;;
     http_overhead)  # issue 17: the app + scheduler + uvicorn over a fake runner of fixed step time (no GPU work)
+      serve_deps
       timeout 240 python3 "$SRC/bench/http_overhead.py" --step-ms ${HTTP_STEP_MS:-5} --concurrency 1,16,64 \
         --json "$OUT/http-overhead.json" 2>&1 | tee "$OUT/http-overhead.log" | tail -8 ;;
     attention)

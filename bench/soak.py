@@ -5,8 +5,13 @@ Each client sends greedy completions back to back, each on one of a fixed pool o
 its reference token ids. During it, a response counts as good only if it streams to `data: [DONE]` with HTTP 200,
 ends with finish_reason "length", carries exactly --max-tokens token ids, and those ids equal the prompt's
 reference (greedy decoding is deterministic, and a batched row must give what the row gives alone). Afterwards
-the server's /metrics must show no active or waiting request and every slot free. Exit code 1 on any lost,
-failed or corrupted response.
+the server's scheduler must show no active or waiting request and every slot free.
+
+Mixed in (issue 17): the hostile-input battery of bench/hostile.py (its light cases, again and again, from one
+more client: bad JSON, wrong types, 413 / 415, huge headers, half-open connections, ...; `--hostile heavy` adds
+the 100 MB bodies and the connection flood once), every answer checked; and, for a launched server, its RSS,
+sampled through the soak: at the end at most 10% above its level after the first 10 s (medians of windows). Exit code 1 on any lost,
+failed or corrupted response, any wrong hostile answer, a leaked slot, or RSS growth.
 
   python bench/soak.py --url http://127.0.0.1:8000 --clients 64 --seconds 120
   python bench/soak.py --launch --shape 2b4t --sparsity 0.6 --clients 64 --seconds 120   # on a GPU machine
@@ -18,6 +23,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +32,12 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve import LaunchedServer  # noqa: E402  (starts `qsparse serve` and waits for /health)
+from serve import LaunchedServer, server_state  # noqa: E402  (starts `qsparse serve`; its JSON status)
+
+try:  # the hostile battery as client code (bench/hostile.py); the soak runs without it where it is missing
+    import hostile  # noqa: E402
+except ImportError:  # pragma: no cover
+    hostile = None
 
 from qsparse_infer.atomic_io import write_json  # noqa: E402
 
@@ -68,18 +79,47 @@ async def streamed(ac: httpx.AsyncClient, model: str, prompt: list[int], max_tok
     return ids, str(finish)
 
 
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
+async def hostile_loop(url: str, model: str, stop_at: float, heavy: bool) -> dict[str, Any]:
+    """The battery's light cases over and over until stop_at (heavy: the heavy ones once first); the cases that
+    only wait for the server's timeouts are left out of the loop."""
+    if hostile is None:
+        return {"skipped": "bench/hostile.py not found"}
+    rounds, cases, problems = 0, 0, []
+    if heavy:
+        res = await hostile.run_battery(url, model, heavy=True, only=set(hostile.HEAVY))
+        cases += len(res)
+        problems += hostile.problems(res)
+    while time.perf_counter() < stop_at:
+        res = await hostile.run_battery(url, model, skip=set(hostile.SLOW))
+        rounds += 1
+        cases += len(res)
+        problems += [f"round {rounds}: {p}" for p in hostile.problems(res)]
+        await asyncio.sleep(0.2)
+    return {"rounds": rounds, "cases": cases, "problems": problems[:20], "wrong_answers": len(problems)}
+
+
 async def soak(url: str, clients: int, seconds: float, max_tokens: int, prompt_len: int, pool: int,
-               seed: int) -> dict[str, Any]:
+               seed: int, hostile_mode: str = "light", pid: int | None = None) -> dict[str, Any]:
     health = httpx.get(url + "/health", timeout=30).json()
     model, vocab = health["model"], int(health.get("vocab_size") or 1000)
     rng = random.Random(seed)
     prompts = [[rng.randrange(min(100, vocab - 1), vocab) for _ in range(prompt_len)] for _ in range(pool)]
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    rss: list[tuple[float, int]] = []
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as ac:
         refs = [await reference_ids(ac, model, p, max_tokens) for p in prompts]
         counts = {"good": 0, "failed": 0, "corrupted": 0}
         problems: list[str] = []
-        stop_at = time.perf_counter() + seconds
+        t_start = time.perf_counter()
+        stop_at = t_start + seconds
 
         async def client(k: int) -> None:
             local = random.Random(seed * 7919 + k)
@@ -98,18 +138,47 @@ async def soak(url: str, clients: int, seconds: float, max_tokens: int, prompt_l
                 else:
                     counts["good"] += 1
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(k) for k in range(clients)))
-        wall = time.perf_counter() - t0
-        after = (await ac.get("/metrics")).json().get("scheduler", {})
+        async def sample_rss() -> None:
+            while pid is not None and time.perf_counter() < stop_at:
+                value = rss_bytes(pid)
+                if value is not None:
+                    rss.append((time.perf_counter() - t_start, value))
+                await asyncio.sleep(1.0)
+
+        jobs = [client(k) for k in range(clients)] + [sample_rss()]
+        if hostile_mode != "off":
+            jobs.append(hostile_loop(url, model, stop_at, hostile_mode == "heavy"))
+        done = await asyncio.gather(*jobs)
+        wall = time.perf_counter() - t_start
+        await asyncio.sleep(1.0)  # let cancelled / finished requests leave their slots
+        after = (await server_state(ac)).get("scheduler", {})
+    if pid is not None and (value := rss_bytes(pid)) is not None:
+        rss.append((wall, value))
+    hostile_res = done[-1] if hostile_mode != "off" else {"skipped": "--hostile off"}
     leaks = []
     if after.get("active", 0) or after.get("waiting", 0):
         leaks.append(f"{after.get('active')} active / {after.get('waiting')} waiting after the soak")
     if "free_slots" in after and after["free_slots"] != after.get("max_slots"):
         leaks.append(f"{after['free_slots']} of {after.get('max_slots')} slots free after the soak")
+    rss_report: dict[str, Any] = {}
+    if rss:
+        # medians of a window after the warm-up and of the last sixth (single samples catch the transient peaks
+        # of the battery's big-prompt cases); the check is for growth: a leak grows, freed memory does not count
+        warm = [v for t, v in rss if min(10.0, seconds / 4) <= t <= max(min(10.0, seconds / 4) + 1, seconds / 3)]
+        last = [v for t, v in rss if t >= wall * 5 / 6]
+        base = statistics.median(warm or [rss[0][1]])
+        end = statistics.median(last or [rss[-1][1]])
+        rss_report = {"start_bytes": base, "end_bytes": end, "max_bytes": max(v for _, v in rss),
+                      "end_over_start": end / base, "flat": end <= 1.10 * base, "samples": len(rss)}
     return {"model": model, "clients": clients, "seconds": wall, "max_tokens": max_tokens, "prompt_len": prompt_len,
             **counts, "tokens": counts["good"] * max_tokens, "problems": problems[:20], "leaks": leaks,
-            "scheduler_after": after}
+            "hostile": hostile_res, "rss": rss_report, "scheduler_after": after}
+
+
+def passed(res: dict[str, Any]) -> bool:
+    h = res["hostile"]
+    return (res["failed"] == res["corrupted"] == 0 and not res["leaks"] and res["good"] > 0
+            and not h.get("wrong_answers") and res["rss"].get("flat", True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--pool", type=int, default=16, help="distinct prompts (each checked against its reference)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hostile", choices=("off", "light", "heavy"), default="light",
+                   help="mix bench/hostile.py's battery in (default: light cases in a loop)")
+    p.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, to sample its RSS")
     p.add_argument("--json", default=None, help="write the summary here too")
     args = p.parse_args(argv)
     if bool(args.url) == bool(args.launch):
@@ -136,25 +208,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.seconds <= 0 or args.max_tokens < 1 or args.prompt_len < 1 or args.pool < 1:
         p.error("--clients, --seconds, --max-tokens, --prompt-len and --pool must be positive")
 
-    def run(url: str) -> dict[str, Any]:
+    def run(url: str, pid: int | None) -> dict[str, Any]:
         return asyncio.run(soak(url, args.clients, args.seconds, args.max_tokens, args.prompt_len, args.pool,
-                                args.seed))
+                                args.seed, args.hostile, pid))
 
     if args.url:
-        res = run(args.url.rstrip("/"))
+        res = run(args.url.rstrip("/"), args.pid)
     else:
         launch = argparse.Namespace(port=args.port, prompt_len=args.prompt_len, new_tokens=args.max_tokens,
                                     model=args.model, shape=args.shape, max_batch=args.max_batch, prefill_chunk=None,
                                     concurrency=[args.clients], device=args.device)
         with _Server(launch, args.sparsity) as server:
-            res = run(server.url)
+            res = run(server.url, server.proc.pid)
     print(f"{res['clients']} clients, {res['seconds']:.0f} s: {res['good']} good, {res['failed']} failed, "
           f"{res['corrupted']} corrupted responses ({res['tokens']} tokens); leaks: {res['leaks'] or 'none'}")
-    for line in res["problems"]:
+    h, rss = res["hostile"], res["rss"]
+    print("hostile battery: " + (h["skipped"] if "skipped" in h else
+                                 f"{h['rounds']} rounds, {h['cases']} cases, {h['wrong_answers']} wrong answers"))
+    if rss:
+        print(f"server RSS: {rss['start_bytes'] / 2**20:.0f} MiB at 10 s -> {rss['end_bytes'] / 2**20:.0f} MiB at the "
+              f"end ({rss['end_over_start']:.3f}x; max {rss['max_bytes'] / 2**20:.0f} MiB): "
+              f"{'flat' if rss['flat'] else 'NOT flat'}")
+    for line in res["problems"] + h.get("problems", []):
         print("  " + line)
     if args.json:
         write_json(args.json, res, newline=False)
-    return 0 if res["failed"] == res["corrupted"] == 0 and not res["leaks"] and res["good"] > 0 else 1
+    return 0 if passed(res) else 1
 
 
 class _Server(LaunchedServer):

@@ -124,13 +124,15 @@ void register_decode(py::module_& m) {
       "sample_batch",
       [](uintptr_t logits, int B, int V, uintptr_t slots, uintptr_t seen, uintptr_t fparams, uintptr_t iparams,
          uintptr_t rng, uintptr_t pos, int advance, uintptr_t token, uintptr_t history, int hist_len,
-         uintptr_t stream) {
+         uintptr_t counts, uintptr_t penalties, uintptr_t stream) {
         require_gpu();
         sample_batch(p<const float>(logits), B, V, p<const int32_t>(slots), p<uint8_t>(seen), p<const float>(fparams),
                      p<const int32_t>(iparams), p<int64_t>(rng), p<int32_t>(pos), advance, p<int32_t>(token),
-                     p<int32_t>(history), hist_len, as_stream(stream));
+                     p<int32_t>(history), hist_len, p<int32_t>(counts), p<const float>(penalties),
+                     as_stream(stream));
       },
-      "sample one token per row on the GPU, each row with the state of sequence slots[b] (one block per row)");
+      "sample one token per row on the GPU, each row with the state of sequence slots[b] (one block per row); "
+      "counts / penalties (0 = none): generated-token counts and OpenAI's presence/frequency penalties");
 }
 
 }  // namespace qsparse

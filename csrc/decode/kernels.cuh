@@ -83,8 +83,11 @@ void sample(const float* logits, int V, uint8_t* seen, const float* fparams, con
 // logits [b, :] with the state of sequence r = slots[b] (slots == nullptr: r = b): seen [r, V], fparams [r, 3],
 // iparams [r], rng [r, 2], pos [r], token [r], history [r, hist_len] (history may be nullptr). Rows that
 // share r (padding rows of a batched step) race on that state: give them a scratch sequence.
+// counts [r, V] int32 (may be nullptr): how often each token was generated (counts[r][token] += 1); with
+// penalties [r, 2] = {presence, frequency} (may be nullptr), OpenAI's additive penalties after the repetition
+// penalty: x -= frequency * counts + presence * (counts > 0), in fp32 without contraction (the CPU's bits).
 void sample_batch(const float* logits, int B, int V, const int32_t* slots, uint8_t* seen, const float* fparams,
                   const int32_t* iparams, int64_t* rng, int32_t* pos, int advance, int32_t* token, int32_t* history,
-                  int hist_len, cudaStream_t stream);
+                  int hist_len, int32_t* counts, const float* penalties, cudaStream_t stream);
 
 }  // namespace qsparse

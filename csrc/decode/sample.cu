@@ -1,7 +1,9 @@
 // GPU sampling: one block of 1024 threads per row picks that row's next token from its logits.
 //
 // Rules (mirrored exactly by qsparse_infer/generate/sampling.py on the CPU):
-//  1. x = logits; tokens marked in `seen` get the repetition penalty: x < 0 ? x * rp : x / rp.
+//  1. x = logits; tokens marked in `seen` get the repetition penalty: x < 0 ? x * rp : x / rp; then tokens
+//     generated c > 0 times (counts) lose frequency * c + presence (OpenAI's additive penalties), each
+//     operation an explicitly rounded fp32 intrinsic so that nvcc cannot contract it into an fma.
 //  2. temperature <= 0: greedy, argmax of x, the lower index wins ties.
 //  3. else z = x / temperature. Keep the tokens with z >= tau, where
 //     tau_k = the top_k-th largest z (top_k > 0; ties at the threshold are all kept), and
@@ -42,10 +44,16 @@ struct Ctx {
   const float* logits;
   const uint8_t* seen;
   float rp, temp;
+  const int32_t* counts;  // nullptr: no additive penalties for this row
+  float presence, frequency;
   // The rule-1 value of logit i, given its raw value (already loaded).
   __device__ __forceinline__ float fix(int i, float v) const {
     if (v != v) v = -INFINITY;  // a NaN logit never wins
     if (rp != 1.f && seen[i]) v = v < 0.f ? v * rp : v / rp;
+    if (counts != nullptr) {
+      const int c = counts[i];
+      if (c > 0) v = __fsub_rn(v, __fadd_rn(__fmul_rn(frequency, static_cast<float>(c)), presence));
+    }
     return v;
   }
   __device__ __forceinline__ float x(int i) const { return fix(i, logits[i]); }
@@ -189,7 +197,8 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __r
                                                                 const int32_t* __restrict__ iparams_all,
                                                                 int64_t* rng_all, int32_t* pos_all, int advance,
                                                                 int32_t* token_all, int32_t* history_all,
-                                                                int hist_len) {
+                                                                int hist_len, int32_t* counts_all,
+                                                                const float* __restrict__ penalties_all) {
   __shared__ float sv[32];
   __shared__ int si[32];
   __shared__ unsigned long long hist[256];
@@ -207,9 +216,15 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __r
   int32_t* pos = pos_all + r;
   int32_t* token = token_all + r;
   int32_t* history = history_all != nullptr ? history_all + (size_t)r * hist_len : nullptr;
-  Ctx c{logits, seen, 1.f, 1.f};
+  int32_t* counts = counts_all != nullptr ? counts_all + (size_t)r * V : nullptr;
+  Ctx c{logits, seen, 1.f, 1.f, nullptr, 0.f, 0.f};
   const float temp = fparams[0], top_p = fparams[1];
   c.rp = fparams[2];
+  if (counts != nullptr && penalties_all != nullptr) {
+    c.presence = penalties_all[2 * (size_t)r];
+    c.frequency = penalties_all[2 * (size_t)r + 1];
+    if (c.presence != 0.f || c.frequency != 0.f) c.counts = counts;
+  }
   const int top_k = iparams[0];
   int best;
   if (!(temp > 0.f)) {
@@ -262,6 +277,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __r
     if (best < 0 || best >= V) best = 0;  // only when every logit is NaN/-inf: keep the index valid
     token[0] = best;
     seen[best] = 1;
+    if (counts != nullptr) counts[best] += 1;
     const int np = *pos + advance;
     if (history != nullptr && np >= 0 && np < hist_len) history[np] = best;
     *pos = np;
@@ -273,17 +289,18 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* __r
 
 void sample_batch(const float* logits, int B, int V, const int32_t* slots, uint8_t* seen, const float* fparams,
                   const int32_t* iparams, int64_t* rng, int32_t* pos, int advance, int32_t* token, int32_t* history,
-                  int hist_len, cudaStream_t stream) {
+                  int hist_len, int32_t* counts, const float* penalties, cudaStream_t stream) {
   if (V <= 0) throw std::invalid_argument("sample: empty vocabulary");
   if (B <= 0) return;
   QS_CUDA_CHECK(pdl::launch(sample_kernel, dim3(B), dim3(kSampleThreads), 0, stream, logits, V, slots, seen, fparams,
-                            iparams, rng, pos, advance, token, history, hist_len));
+                            iparams, rng, pos, advance, token, history, hist_len, counts, penalties));
   QS_LAUNCH_CHECK("sample_kernel");
 }
 
 void sample(const float* logits, int V, uint8_t* seen, const float* fparams, const int32_t* iparams, int64_t* rng,
             int32_t* pos, int advance, int32_t* token, int32_t* history, int hist_len, cudaStream_t stream) {
-  sample_batch(logits, 1, V, nullptr, seen, fparams, iparams, rng, pos, advance, token, history, hist_len, stream);
+  sample_batch(logits, 1, V, nullptr, seen, fparams, iparams, rng, pos, advance, token, history, hist_len, nullptr,
+               nullptr, stream);
 }
 
 }  // namespace qsparse

@@ -234,6 +234,9 @@ class GpuModel:
         return t
 
     def set_sampling(self, settings: SamplingSettings, seed: int) -> None:
+        if settings.additive_penalties:  # the one-sequence sampler has no generated-token counts
+            raise ValueError("presence/frequency penalties are served by the batched runner (qsparse serve, "
+                             "Engine.generate on a list), not the single-sequence decoder")
         self.fparams.copy_(torch.tensor([settings.temperature, settings.top_p, settings.repetition_penalty],
                                         dtype=torch.float32))
         self.iparams.fill_(settings.top_k)

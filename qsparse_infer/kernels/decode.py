@@ -390,12 +390,15 @@ def sample(logits: torch.Tensor, seen: torch.Tensor, fparams: torch.Tensor, ipar
 
 def sample_batch(logits: torch.Tensor, seen: torch.Tensor, fparams: torch.Tensor, iparams: torch.Tensor,
                  rng: torch.Tensor, pos: torch.Tensor, token: torch.Tensor, slots: torch.Tensor | None = None,
-                 history: torch.Tensor | None = None, advance: int = 1) -> None:
+                 history: torch.Tensor | None = None, advance: int = 1, counts: torch.Tensor | None = None,
+                 penalties: torch.Tensor | None = None) -> None:
     """One token per row of logits [B, V] fp32 in one launch, by the rules of `sample` and with the same
     random numbers. Row b uses the state of sequence r = slots[b] (int32 [B] on the GPU; None: r = b):
     seen uint8 [S, V], fparams fp32 [S, 3], iparams int32 [S], rng int64 [S, 2], pos int32 [S] (+= advance),
     token int32 [S] (written), history int32 [S, n] (optional). Rows naming the same r race on its state
-    (allowed for discarded padding rows only)."""
+    (allowed for discarded padding rows only). counts int32 [S, V] (optional): generated-token counts, += 1
+    at the sampled token; with penalties fp32 [S, 2] = (presence, frequency) per sequence, OpenAI's additive
+    penalties apply (sampling.py rule 1)."""
     _check(logits, "logits", (torch.float32,), 2)
     b, v = logits.shape
     _check(seen, "seen", (torch.uint8,), 2)
@@ -423,5 +426,19 @@ def sample_batch(logits: torch.Tensor, seen: torch.Tensor, fparams: torch.Tensor
         if history.shape[0] != s:
             raise ValueError(f"history must be [{s}, n], got {tuple(history.shape)}")
         hptr, hlen = history.data_ptr(), history.shape[1]
+    cptr = pptr = 0
+    if counts is not None:
+        _check(counts, "counts", (torch.int32,), 2)
+        if tuple(counts.shape) != (s, v):
+            raise ValueError(f"counts must be [{s}, {v}], got {tuple(counts.shape)}")
+        cptr = counts.data_ptr()
+    if penalties is not None:
+        if counts is None:
+            raise ValueError("penalties need counts")
+        _check(penalties, "penalties", (torch.float32,), 2)
+        if tuple(penalties.shape) != (s, 2):
+            raise ValueError(f"penalties must be [{s}, 2], got {tuple(penalties.shape)}")
+        pptr = penalties.data_ptr()
     ext().sample_batch(logits.data_ptr(), b, v, sptr, seen.data_ptr(), fparams.data_ptr(), iparams.data_ptr(),
-                       rng.data_ptr(), pos.data_ptr(), int(advance), token.data_ptr(), hptr, hlen, _stream())
+                       rng.data_ptr(), pos.data_ptr(), int(advance), token.data_ptr(), hptr, hlen, cptr, pptr,
+                       _stream())

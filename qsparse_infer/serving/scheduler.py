@@ -11,7 +11,9 @@ loop with `loop.call_soon_threadsafe`.
 One `step`: drop cancelled requests (freeing their slots); admit waiting requests (FIFO) into free slots;
 plan one runner step: a decode row for every request that has a sampled token to feed and may still grow,
 and prefill chunks of at most `prefill_chunk` prompt tokens in all, oldest request first (a long prompt takes
-several steps, short ones share one, all in the same runner call as the decode rows); launch it.
+several steps, short ones share one, all in the same runner call as the decode rows); launch it. While any
+request decodes, a prompt longer than `prefill_chunk` gets at most `long_prefill_chunk` tokens per step (vLLM's
+long_prefill_token_threshold): the decoding streams' step grows by a small chunk, not a large one.
 
 Overlap (asynchronous runners, i.e. the GPU): `launch` returns once the step is enqueued on the device, and
 the scheduler then reads the *previous* step's tokens (pinned memory + an event), runs the stop rules,
@@ -87,13 +89,19 @@ class _Launched:
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, tokenizer: Any = None, *, max_queue: int = 64,
-                 prefill_chunk: int = 256, dispatch: Dispatch | None = None) -> None:
-        if max_queue < 0 or prefill_chunk < 1:
-            raise ValueError("max_queue must be >= 0 and prefill_chunk >= 1")
+                 prefill_chunk: int = 256, long_prefill_chunk: int | None = None,
+                 dispatch: Dispatch | None = None) -> None:
+        if long_prefill_chunk is None:
+            long_prefill_chunk = max(16, prefill_chunk // 8)
+        if max_queue < 0 or prefill_chunk < 1 or long_prefill_chunk < 1:
+            raise ValueError("max_queue must be >= 0, prefill_chunk and long_prefill_chunk >= 1")
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        # a prompt longer than prefill_chunk takes at most this many tokens per step while others decode (as
+        # vLLM's long_prefill_token_threshold), so that one long prompt cannot stall the decoding streams
+        self.long_prefill_chunk = min(long_prefill_chunk, prefill_chunk)
         self.dispatch = dispatch
         self.asynchronous = bool(getattr(runner, "asynchronous", False))
         self.eos = frozenset(tokenizer.eos_ids) if tokenizer is not None else frozenset()
@@ -244,7 +252,10 @@ class Scheduler:
                 continue
             req = t.request
             ids = req.prompt_ids
-            n = min(budget, len(ids) - t.prefilled)
+            cap = budget
+            if decode and len(ids) > self.prefill_chunk:
+                cap = min(cap, self.long_prefill_chunk)
+            n = min(cap, len(ids) - t.prefilled)
             a, b = t.prefilled, t.prefilled + n
             end = b == len(ids)
             sample = end and req.max_tokens != 0
@@ -437,6 +448,7 @@ class Scheduler:
             active = list(self._active)
             return {"max_slots": self.runner.max_slots, "active": len(active), "waiting": len(self._waiting),
                     "free_slots": len(self._free), "max_queue": self.max_queue,
-                    "prefill_chunk": self.prefill_chunk, "context_len": self.context_len,
+                    "prefill_chunk": self.prefill_chunk, "long_prefill_chunk": self.long_prefill_chunk,
+                    "context_len": self.context_len,
                     "kv_used_positions": sum(t.positions for t in active),
                     "kv_total_positions": self.runner.max_slots * self.runner.max_len, **self.counters}

@@ -361,3 +361,22 @@ def test_stats_count_kv_positions():
     sched.step()
     st = sched.stats()
     assert st["kv_used_positions"] == 3 and st["kv_total_positions"] == 32
+
+
+def test_long_prompt_takes_small_chunks_only_while_others_decode():
+    runner = FakeRunner(max_slots=2, max_len=128)
+    sched = Scheduler(runner, prefill_chunk=16, long_prefill_chunk=4)
+    a, b, c = Recorder(), Recorder(), Recorder()
+    sched.submit(req(list(range(40)), max_tokens=2), c)  # alone: long, but nobody to stall
+    sched.step()
+    assert steps(runner)[-1] == ("step", ((0, 16, False),), ())
+    sched.run_until_idle()
+    runner.calls.clear()
+    sched.submit(req([1, 2], max_tokens=30), a)
+    sched.step()
+    sched.submit(req(list(range(40)), max_tokens=1), b)
+    sched.step()
+    sched.step()
+    assert steps(runner)[1:] == [("step", ((1, 4, False),), (0,)), ("step", ((1, 4, False),), (0,))]
+    sched.run_until_idle()
+    assert b.tokens == [40] and len(a.tokens) == 30

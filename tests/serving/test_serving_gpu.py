@@ -104,6 +104,40 @@ def test_sample_batch_equals_single_rows(b, v):
     assert (st["token"][free] == -7).all(), "a row wrote another sequence's state"
 
 
+@pytest.mark.parametrize("v", [50_000, 1003])
+def test_sample_batch_penalties_equal_cpu_rule(v):
+    """Presence/frequency penalties (with and without the repetition penalty, greedy and sampled rows) give the
+    CPU rule's token (sample_cpu with the same counts) bit for bit, and counts[r][token] grows by one."""
+    from qsparse_infer.generate.sampling import sample_cpu
+
+    gen = torch.Generator().manual_seed(v)
+    b = 12
+    logits = (torch.randn(b, v, generator=gen) * 2).to(DEV)
+    counts = torch.randint(0, 4, (b, v), generator=gen, dtype=torch.int32) * (torch.rand(b, v, generator=gen) < 0.02)
+    counts = counts.to(torch.int32)
+    top = logits.argmax(1).cpu()
+    counts[torch.arange(b), top] = torch.arange(b, dtype=torch.int32) % 3  # the argmax itself penalised or not
+    pens = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [-1.5, 0.7], [1.3, -0.4], [0.5, 0.5]] * 2)
+    temps = torch.tensor([0.0] * 6 + [0.8] * 6)
+    fparams = torch.stack([temps, torch.full((b,), 0.9), torch.tensor([1.0, 1.3] * 6)], 1)
+    iparams = torch.tensor([0, 40] * 6, dtype=torch.int32)
+    rng = torch.stack([torch.arange(b) * 31 + 5, torch.arange(b) % 4], 1).to(torch.int64)
+    seen = (torch.rand(b, v, generator=gen) < 0.01).to(torch.uint8)
+    st = {k: t.to(DEV) for k, t in dict(seen=seen, fparams=fparams, iparams=iparams, rng=rng).items()}
+    pos = torch.zeros(b, dtype=torch.int32, device=DEV)
+    token = torch.full((b,), -1, dtype=torch.int32, device=DEV)
+    c_dev = counts.to(DEV)
+    dk.sample_batch(logits, st["seen"], st["fparams"], st["iparams"], st["rng"], pos, token, counts=c_dev,
+                    penalties=pens.to(DEV))
+    got = token.cpu().tolist()
+    for r in range(b):
+        settings = SamplingSettings(float(temps[r]), int(iparams[r]), 0.9, float(fparams[r, 2]), None,
+                                    float(pens[r, 0]), float(pens[r, 1]))
+        want = sample_cpu(logits[r].cpu(), settings, seen[r].bool(), int(rng[r, 0]), int(rng[r, 1]), counts[r])
+        assert got[r] == want, f"row {r}: {got[r]} vs {want}"
+    assert torch.equal(c_dev.cpu() - counts, torch.nn.functional.one_hot(torch.tensor(got), v).to(torch.int32))
+
+
 @pytest.mark.parametrize("head,h", [("cuda_cores", 256), ("cuda_cores", 330), ("cuda_cores", 2560),
                                     ("tensor_cores", 256), ("tensor_cores", 2560)])
 @pytest.mark.parametrize("with_norm", [True, False])
@@ -368,3 +402,96 @@ def test_memory_error_names_what_fits(ef):
 
     with pytest.raises(RuntimeError, match="would fit"):
         GpuBatchRunner(ef, max_slots=200, max_len=10**7)
+
+
+# -- steps mixing prefill chunks and decode rows, the overlapping scheduler, logprobs -----------------------
+
+
+def test_mixed_step_rows_equal_decode_only(runner):
+    """Decode rows that share a step with other prompts' prefill chunks (eager mixed step) get the bits they get
+    in graph-replayed decode-only steps; a prompt prefilled in chunks alongside them gets its one-chunk first
+    token."""
+    from qsparse_infer.serving.runner import PrefillChunk, StepPlan
+
+    ps = prompts(4, seed=21)
+    long = prompts(1, seed=22)[0] + prompts(1, seed=23)[0] + list(range(1, 12))
+    alone = [decode_alone(runner, p, 0) for p in ps]
+    first_long = decode_alone(runner, long, 0)[0][0]
+    slots = [5, 11, 2, 30]
+    for s, p in zip(slots, ps):
+        runner.begin(s, SamplingSettings(temperature=0.0), 0)
+        runner.prefill(s, p, last=True)
+    runner.begin(7, SamplingSettings(temperature=0.0), 0)
+    cut = [0, 5, 9, len(long)]
+    for step in range(STEPS):
+        chunks = [PrefillChunk(7, long[cut[step]:cut[step + 1]], cut[step + 1] == len(long))] if step < 3 else []
+        res = runner.launch(StepPlan(chunks, slots)).result()
+        lg = runner.last_logits()
+        for i, s in enumerate(slots):
+            assert res.decode_tokens[i] == alone[i][0][step + 1]
+            assert torch.equal(lg[i], alone[i][1][step]), f"step {step} slot {s}"
+        if step == 2:
+            assert res.prefill_tokens[0] == first_long
+    for s in slots + [7]:
+        runner.release(s)
+
+
+def _schedule(runner, tokenizer, reqs, prefill_chunk=32):
+    from qsparse_infer.serving.scheduler import Delta, Finished, Scheduler
+
+    sched = Scheduler(runner, tokenizer, prefill_chunk=prefill_chunk)
+    events = [[] for _ in reqs]
+    for i, r in enumerate(reqs):
+        sched.submit(r, events[i].append)
+    sched.run_until_idle()
+    st = sched.stats()
+    assert (st["active"], st["waiting"], st["free_slots"]) == (0, 0, runner.max_slots), "a slot leaked"
+    for ev in events:
+        assert isinstance(ev[-1], Finished) and ev[-1].reason != "error", ev[-1]
+    return [[e for e in ev if isinstance(e, Delta)] for ev in events], st
+
+
+def test_greedy_alone_equals_among_16_concurrent(runner):
+    """Through the overlapping scheduler (a step enqueued before the previous one's tokens are read, prompts
+    prefilled in chunks inside decode steps): 16 greedy requests of mixed lengths give each the tokens it gives
+    alone; seeded sampling with penalties too."""
+    from qsparse_infer.serving.scheduler import GenerationRequest
+
+    ps = prompts(16, seed=31)
+    pen = SamplingSettings(temperature=0.9, top_k=40, seed=3, presence_penalty=1.0, frequency_penalty=0.5)
+    reqs = [GenerationRequest(p, SamplingSettings(temperature=0.0) if i % 4 else pen, 6 + i % 7,
+                              ignore_eos=True) for i, p in enumerate(ps)]
+    alone = [_schedule(runner, None, [r])[0][0] for r in reqs]
+    many, st = _schedule(runner, None, reqs)
+    assert st["mixed_steps"] > 0
+    for i, (a, m) in enumerate(zip(alone, many)):
+        assert [t for d in a for t in d.token_ids] == [t for d in m for t in d.token_ids], f"request {i}"
+
+
+def test_logprobs_match_teacher_forced_log_softmax():
+    """The built-in model on the GPU runner: generated tokens' logprobs (top-5 too) and echo logprobs against
+    log_softmax(Engine.logits(prompt + generated)) (the single-sequence decoder's teacher-forced prefill). The
+    prompt rows run the same prefill kernels; decode rows differ from prefill rows only in fp32 rounding."""
+    from qsparse_infer.engine import Engine
+    from qsparse_infer.serving.gpu_runner import GpuBatchRunner
+    from qsparse_infer.serving.scheduler import GenerationRequest
+
+    engine = Engine.load(None, device="cuda")
+    runner = GpuBatchRunner(engine, max_slots=4, max_len=128)
+    tok = engine.tokenizer
+    ps = [tok.encode(t) for t in ("ROMEO:", "JULIET: O Romeo, Romeo", "KING HENRY:\nWhat")]
+    reqs = [GenerationRequest(p, SamplingSettings(temperature=0.7, seed=i), 12, ignore_eos=True, logprobs=5,
+                              prompt_logprobs=True) for i, p in enumerate(ps)]
+    deltas, _ = _schedule(runner, tok, reqs, prefill_chunk=4)
+    for p, ds in zip(ps, deltas):
+        toks = [t for d in ds for t in d.token_ids]
+        lps = [x for d in ds for x in d.logprobs]
+        ref = torch.log_softmax(engine.logits(p + toks).double(), -1)
+        for i, (t, x) in enumerate(zip(toks, lps)):
+            row = ref[len(p) - 1 + i]
+            assert x.token_id == t and abs(x.logprob - float(row[t])) < 5e-3, (i, x.logprob, float(row[t]))
+            assert [v for _, v in x.top] == pytest.approx(torch.topk(row, 5).values.tolist(), abs=5e-3)
+        echo = ds[0].prompt_logprobs
+        assert echo[0] is None and len(echo) == len(p)
+        for j in range(1, len(p)):
+            assert echo[j].token_id == p[j] and abs(echo[j].logprob - float(ref[j - 1, p[j]])) < 1e-3
