@@ -6,14 +6,21 @@ Timing as bench/kernels.py: a CUDA graph calls the op once per weight set, the s
 the bf16 input, every row: the S = 0 baseline the sparse kernel must beat) and the streaming ceiling
 (kernels/ceilings.py). "% of streaming" = (weight bytes the call must read / time) / ceiling.
 
+--teal DIR: TEAL's sparse GEMV (FasterDecoding/TEAL, kernels/sparse_gemv.py, Triton) loaded from DIR at run time, never
+vendored; `tools/fetch_teal.sh` puts it in .teal/ for the device call. Same shapes, same S, same L2-defeating
+rotation, fp16 weights (its kernel's dtype) in its column-major layout, and the threshold that keeps exactly k
+inputs computed beforehand (TEAL calibrates thresholds offline; our kernel selects the top-K inside itself, so
+this hands TEAL the easier job). Its GLU shapes run as one GEMV over gate + up (TEAL sparsifies both inputs alike).
+
 --crossover: for T = 1..16 tokens, T one-token kernel calls against one torch bf16 GEMM (the batched path of
 kernels/dense.py), at S = 0.5: where the GEMM starts to win.
 
-    python bench/dense_kernels.py [--out DIR] [--quick] [--crossover]
+    python bench/dense_kernels.py [--out DIR] [--quick] [--crossover] [--teal DIR]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -47,8 +54,41 @@ def weight_sets(d: int, n: int, count: int) -> list[dn.DenseWeight]:
             for _ in range(count)]
 
 
+def load_teal(folder: str):
+    """TEAL's splitk_sparse_gemv from its checkout (kernels/sparse_gemv.py or sparse_gemv.py in DIR)."""
+    base = Path(folder)
+    path = next((p for p in (base / "kernels" / "sparse_gemv.py", base / "sparse_gemv.py") if p.is_file()), None)
+    if path is None:
+        raise SystemExit(f"--teal {folder}: no sparse_gemv.py there (tools/fetch_teal.sh fetches it)")
+    try:
+        import msgspec  # noqa: F401  (TEAL's torch.compile wrappers need it; its kernel does not)
+    except ImportError:  # a placeholder base class, so that the module loads; only the kernel is called
+        import types
+        sys.modules.setdefault("compile_wrapper", types.SimpleNamespace(BaseKernel=object))
+    spec = importlib.util.spec_from_file_location("teal_sparse_gemv", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.splitk_sparse_gemv
+
+
+def teal_us(teal, ws: list[dn.DenseWeight], x: torch.Tensor, k: int, s: float) -> float:
+    """TEAL's kernel on fp16 copies of the same weight sets ([N, D] views of [D, N] rows: its column-major
+    layout), threshold between the k-th and (k+1)-th largest |x| so exactly k inputs pass."""
+    mags = x.abs().flatten().sort(descending=True).values
+    threshold = float(mags[k - 1] + mags[k]) / 2 if k < mags.numel() else -1.0
+    x16 = x.to(torch.float16).view(1, 1, -1)
+    w16 = [w.weight_t.to(torch.float16).t() for w in ws]
+    sbin = int(round(s * 100))
+    for w in w16:  # autotune outside the graph (it launches every config)
+        teal(x16, w, threshold, sbin)
+    torch.cuda.synchronize()
+    us = time_graph([lambda w=w: teal(x16, w, threshold, sbin) for w in w16])
+    del w16
+    return us
+
+
 def bench_shape(name: str, d: int, segs: list[int], glu: str | None, norm: bool, ceiling: float,
-                sparsities: list[float]) -> list[dict]:
+                sparsities: list[float], teal=None) -> list[dict]:
     n = sum(segs)
     sets = max(1, -(-L2_DEFEAT_BYTES // (d * n * 2)))
     ws = weight_sets(d, n, sets)
@@ -71,8 +111,13 @@ def bench_shape(name: str, d: int, segs: list[int], glu: str | None, norm: bool,
                      "pct_of_streaming": 100 * gbps / ceiling, "cublas_dense_us": cublas_us,
                      "vs_cublas_dense": cublas_us / us, "splits": dn.plan_splits(d, n_out, k, 2 if glu else 1,
                                                                                x.device)})
+        teal_note = ""
+        if teal is not None and s > 0:
+            t_us = teal_us(teal, ws, x, k, s)
+            rows[-1].update(teal_us=t_us, vs_teal=t_us / us, teal_pct_of_streaming=100 * nbytes / t_us / 1e3 / ceiling)
+            teal_note = f"   TEAL {t_us:8.1f} us ({t_us / us:.2f}x)"
         print(f"{name:12s} S={s:<4g} k={k:<6d} {us:8.1f} us  {gbps:6.0f} GB/s  {rows[-1]['pct_of_streaming']:5.1f}% "
-              f"of streaming   cuBLAS dense {cublas_us:8.1f} us ({cublas_us / us:.2f}x)", flush=True)
+              f"of streaming   cuBLAS dense {cublas_us:8.1f} us ({cublas_us / us:.2f}x){teal_note}", flush=True)
     del ws
     torch.cuda.empty_cache()
     return rows
@@ -108,7 +153,19 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         if r["S"] == 0.5:
             lines.append(f"- {r['shape']}: {r['pct_of_streaming']:.1f}% ({'met' if r['pct_of_streaming'] >= 80 else 'missed'})")
-    lines.append("- TEAL's kernel at the same shapes: not measured (its harness was not built in this run).")
+    teal_rows = [r for r in res["rows"] if "teal_us" in r]
+    if not teal_rows:
+        lines.append("- TEAL's kernel at the same shapes: not measured (no --teal in this run).")
+    else:
+        lines += ["", "Against TEAL's sparse GEMV (Triton, fp16, threshold given; same shapes, S and rotation):", "",
+                  "| shape | S | ours us | TEAL us | ours vs TEAL | TEAL % of streaming |", "|---|---|---|---|---|---|"]
+        for r in teal_rows:
+            lines.append(f"| {r['shape']} | {r['S']:g} | {r['us']:.1f} | {r['teal_us']:.1f} | {r['vs_teal']:.2f}x | "
+                         f"{r['teal_pct_of_streaming']:.1f}% |")
+        lines += ["", "Target (issue 18): at S = 0.5, >= 1.2x TEAL's kernel:", ""]
+        for r in teal_rows:
+            if r["S"] == 0.5:
+                lines.append(f"- {r['shape']}: {r['vs_teal']:.2f}x ({'met' if r['vs_teal'] >= 1.2 else 'missed'})")
     if res.get("crossover"):
         lines += ["", "## Batched path: T one-token kernel calls vs one bf16 GEMM", "",
                   "| T | S | T x kernel us | GEMM us |", "|---|---|---|---|"]
@@ -123,14 +180,17 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="S = 0 and 0.5 only")
     p.add_argument("--only", default=None, help="shape name prefix, e.g. 8b")
     p.add_argument("--crossover", action="store_true", help="also the T = 1..16 crossover at 8b.o, S = 0.5")
+    p.add_argument("--teal", default=None, metavar="DIR", help="a TEAL checkout (or its kernels/ folder): time its "
+                   "sparse GEMV at the same shapes and S")
     args = p.parse_args()
     ceiling = streaming_gbps()["streaming_gbps"]
     sparsities = [0.0, 0.5] if args.quick else SPARSITIES
+    teal = load_teal(args.teal) if args.teal else None
     rows = []
     for shape in SHAPES:
         if args.only and not shape[0].startswith(args.only):
             continue
-        rows += bench_shape(*shape, ceiling, sparsities)
+        rows += bench_shape(*shape, ceiling, sparsities, teal)
     res = {"card": torch.cuda.get_device_name(), "streaming_gbps": ceiling, "rows": rows,
            "torch_version": torch.__version__}
     if args.crossover:

@@ -20,14 +20,22 @@ CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=90 python3 -m pip install -q --no-build-is
   || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 cd /tmp  # import the installed package (with _C), not the source tree
-serve_deps() {  # the HTTP stack for the serve targets, from the wheels carried in .whl/ when it is missing
-  python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null || python3 -m pip install -q --no-index \
-    --find-links "$SRC/.whl" fastapi uvicorn httpx openai prometheus-client > "$OUT/serve-deps.log" 2>&1 \
-    || echo "serve deps: install failed (see serve-deps.log)"
+serve_deps() {  # the HTTP stack (fastapi, uvicorn, openai, prometheus-client) from the wheels carried in .whl/
+  [ -n "${SERVE_DEPS_DONE:-}" ] && return
+  SERVE_DEPS_DONE=1
+  python3 -c "import fastapi, uvicorn, openai, prometheus_client" 2>/dev/null && return
+  if ls "$SRC"/.whl/*.whl >/dev/null 2>&1; then  # the wheels' README: no deps resolved, an overlay site folder
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$SRC"/.whl/*.whl \
+      > "$OUT/serve-deps.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
+      || echo "serve deps: install failed (see serve-deps.log)"
+  else
+    echo "serve deps: fastapi/uvicorn/openai missing and no .whl/ carried (the HTTP tests and benches skip)"
+  fi
 }
 for what in "$@"; do
   case $what in
     tests)
+      serve_deps
       timeout 400 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" \
         $(for f in ${PYTEST_FILES:-.}; do echo "$SRC/tests/$f"; done) ${PYTEST_K:+-k "$PYTEST_K"} -rfEs 2>&1 \
         | tee "$OUT/pytest.log" | tail -40 ;;
@@ -65,8 +73,10 @@ for what in "$@"; do
       timeout 300 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" -rfEs \
         "$SRC/tests/kernels/test_dense_kernels_gpu.py" "$SRC/tests/gpu/test_dense_model_gpu.py" 2>&1 \
         | tee "$OUT/dense-tests.log" | tail -30 ;;&
-    dense|dense-kernels)  # the bf16 gather-GEMV at 8B / 70B shapes vs cuBLAS dense and the streaming ceiling, + crossover (~1 min)
-      timeout 200 python3 "$SRC/bench/dense_kernels.py" --crossover --out "$OUT" 2>&1 | tee "$OUT/dense-kernels.log" | tail -50 ;;&
+    dense|dense-kernels)  # the bf16 gather-GEMV at 8B / 70B shapes vs cuBLAS dense, the streaming ceiling and TEAL's
+      # kernel when tools/fetch_teal.sh put it in .teal/ (carry it), + crossover (~1-2 min)
+      timeout 300 python3 "$SRC/bench/dense_kernels.py" --crossover ${DENSE_KERNEL_ARGS:-} \
+        $( [ -f "$SRC/.teal/kernels/sparse_gemv.py" ] && echo --teal "$SRC/.teal" ) --out "$OUT" 2>&1 | tee "$OUT/dense-kernels.log" | tail -50 ;;&
     dense|dense-e2e)  # qsparse bench on random bf16 weights of Llama-3-8B's shape with the torch bf16 peer (~3 min)
       timeout ${E2E_TIMEOUT:-400} python3 -m qsparse_infer.cli bench --shape llama8b-bf16 --sparsity ${DENSE_SPARSITY:-0,0.4,0.5,0.6} \
         --prompt-len 128 --new-tokens ${DENSE_NEW_TOKENS:-128} --reps ${REPS:-2} --json "$OUT/e2e-llama8b-bf16.json" 2>&1 \
