@@ -17,6 +17,21 @@ from qsparse_infer.serving.scheduler import Delta, Finished, GenerationRequest, 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*CPU.*:UserWarning"), pytest.mark.slow]
 GREEDY = SamplingSettings(temperature=0.0)
 LP_TOL = 1e-3  # fp32 KV cache here: only the order of float operations differs from the reference
+# ...but that order decides near-ties: a twin computes one row at a time, the reference a whole sequence, and the
+# BLAS kernels for the two shapes sum in different orders on different CPUs. Where a top-K rank or an int8 rounding
+# sits within ~1e-7 of a tie, one kept channel or one q flips; that position's hidden state moves, and every later
+# position attends to it. On the H200 host's CPU (torch 2.11) one prompt showed 7 of 23 positions above LP_TOL,
+# worst 0.041, decaying along the sequence; here none. So: every position within FLIP_TOL, most within LP_TOL. The
+# bookkeeping this test is for fails that by far: a row shifted by one position or read from another slot gives
+# the logprob of another context, off by O(1) (and the tokens and top-1 checks beside it fail outright).
+FLIP_TOL = 0.15
+MIN_EXACT = 0.5  # share of positions within LP_TOL
+
+
+def assert_logprobs_close(got: list[float], want: list[float]) -> None:
+    err = [abs(g - w) for g, w in zip(got, want, strict=True)]
+    assert max(err, default=0.0) < FLIP_TOL, err
+    assert sum(e < LP_TOL for e in err) >= MIN_EXACT * len(err), err
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +173,17 @@ def test_greedy_and_logprobs_match_the_cpu_reference(engine, runner):
         toks = [t for d in g for t in d.token_ids]
         assert toks == [t for d in c for t in d.token_ids]
         ref = torch.log_softmax(engine.logits(p + toks).double(), -1)
+        got, want = [], []
         for i, x in enumerate(x for d in g for x in d.logprobs):
-            assert x.token_id == toks[i] and abs(x.logprob - float(ref[len(p) - 1 + i, toks[i]])) < LP_TOL
+            assert x.token_id == toks[i]
+            got.append(x.logprob), want.append(float(ref[len(p) - 1 + i, toks[i]]))
             assert [t for t, _ in x.top][:1] == [int(ref[len(p) - 1 + i].argmax())]
         echo = g[0].prompt_logprobs
         assert echo[0] is None and len(echo) == len(p)
         for j in range(1, len(p)):
-            assert echo[j].token_id == p[j] and abs(echo[j].logprob - float(ref[j - 1, p[j]])) < LP_TOL
+            assert echo[j].token_id == p[j]
+            got.append(echo[j].logprob), want.append(float(ref[j - 1, p[j]]))
+        assert_logprobs_close(got, want)
 
 
 def test_penalties_and_seeded_sampling_state(engine, runner):
