@@ -98,12 +98,12 @@ for what in "$@"; do
       timeout ${BATCHED_TIMEOUT:-300} python3 "$SRC/bench/batched_decode.py" --batches ${BATCHES:-1,4,16,64} --sparsity 0,0.6 ${DECODE_ARGS:---torch} \
         --json "$OUT/batched-decode.json" 2>&1 | tee "$OUT/batched-decode.log" | tail -20 ;;
     serve_bench)  # issue 17: HTTP at N = 1, 4, 16, 64 beside the runner alone and the torch bf16 peer at B = N, and one
-      # 4096-token prompt among 16 streams (bench/serve.py; ~4-6 min with SERVE_SPARSITY=0, most of it the peer's
+      # 4092-token prompt (+ 4 new: the 4096 context) among 16 streams (bench/serve.py; ~4-6 min with SERVE_SPARSITY=0, most of it the peer's
       # torch.compile per B: SERVE_PEER_EAGER=1 skips compiling). Writes after every phase, so a cut run keeps data.
       serve_deps
       timeout ${SERVE_TIMEOUT:-420} python3 "$SRC/bench/serve.py" --launch --shape 2b4t --sparsity ${SERVE_SPARSITY:-0} \
         --max-batch 64 --prefill-chunk ${SERVE_PREFILL_CHUNK:-512} --concurrency 1,4,16,64 --prompt-len 128 --new-tokens 128 \
-        --min-requests 64 --min-rounds 3 --max-rounds 8 --long-prompt 4096 --long-among 16 --runner --peer \
+        --min-requests 64 --min-rounds 3 --max-rounds 8 --long-prompt ${SERVE_LONG:-4092} --long-among 16 --runner --peer \
         ${SERVE_PEER_EAGER:+--peer-eager} ${SERVE_ARGS:-} --json "$OUT/serve-h200.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
     soak)  # issues 9 + 17: 64 clients for 2 minutes, every response checked, the hostile battery mixed in, server RSS
       serve_deps

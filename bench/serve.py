@@ -8,15 +8,15 @@ output tokens (ignore_eos, so every request runs to its length). Per concurrency
 after each client's first, which do not arrive in one burst) and inter-token latency p50/p99 (client view:
 chunk arrival times, one chunk per token), and the server's peak GPU memory.
 
-The long-prompt case (--long-prompt 4096 --long-among 16): 16 closed-loop streams decode; then one request
-with a 4096-token prompt arrives. The streams' ITL p99 while that prompt is prefilled (the intervals that
+The long-prompt case (--long-prompt 4092 --long-among 16): 16 closed-loop streams decode; then one request
+with a 4092-token prompt (4 new tokens fill the 4096 context) arrives. The streams' ITL p99 while that prompt is prefilled (the intervals that
 overlap [sent, its first token]) is compared with their ITL p99 before it (issue 17: at most 2x).
 
   # a running server
   python bench/serve.py --url http://127.0.0.1:8000
   # launch a server per sparsity (random 2B4T-shaped weights on the GPU), measure, stop it; then the runner
   # alone and the torch peer at B = N in this process
-  python bench/serve.py --launch --shape 2b4t --sparsity 0 --max-batch 64 --runner --peer --long-prompt 4096
+  python bench/serve.py --launch --shape 2b4t --sparsity 0 --max-batch 64 --runner --peer --long-prompt 4092
 
 Writes JSON + markdown + a PNG (throughput vs concurrency).
 """
@@ -129,6 +129,9 @@ async def run_level(url: str, model: str, vocab: int, n: int, rounds: int, promp
             "memory": state.get("memory", {}), "scheduler": state.get("scheduler", {})}
 
 
+LONG_NEW_TOKENS = 4  # the long request only needs its TTFT and to overlap the streams' decode
+
+
 async def long_prompt_case(url: str, model: str, vocab: int, streams: int, long_len: int, prompt_len: int,
                            new_tokens: int, seed: int, baseline_s: float = 2.0) -> dict[str, Any]:
     """`streams` closed-loop streaming clients; after baseline_s, one request with a long_len-token prompt.
@@ -148,7 +151,8 @@ async def long_prompt_case(url: str, model: str, vocab: int, streams: int, long_
         tasks = [asyncio.create_task(stream(k)) for k in range(streams)]
         start = time.perf_counter()
         await asyncio.sleep(baseline_s)
-        long = await one_request(ac, model, [rng.randrange(min(100, hi - 1), hi) for _ in range(long_len)], 4)
+        long = await one_request(ac, model, [rng.randrange(min(100, hi - 1), hi) for _ in range(long_len)],
+                                 LONG_NEW_TOKENS)
         t_sent, t_first = long["t0"], long["stamps"][0]
         await asyncio.sleep(0.5)
         stop.set()
@@ -203,9 +207,12 @@ class LaunchedServer:
 
     def __init__(self, args: argparse.Namespace, sparsity: str | None) -> None:
         self.url = f"http://127.0.0.1:{args.port}"
-        max_len = max(args.prompt_len + args.new_tokens, getattr(args, "long_prompt", 0) + 16) + 8
-        if getattr(args, "long_prompt", 0):
-            max_len = max(max_len, args.prompt_len + max(args.new_tokens, 256) + 8)
+        # Exactly what the requests need: `qsparse serve` refuses a --max-len beyond the model's context, so a
+        # 4092-token long prompt (+ its 4 new tokens) still fits a 4096 context.
+        long_len = getattr(args, "long_prompt", 0)
+        max_len = max(args.prompt_len + args.new_tokens, long_len + LONG_NEW_TOKENS)
+        if long_len:
+            max_len = max(max_len, args.prompt_len + max(args.new_tokens, 256))
         cmd = [sys.executable, "-m", "qsparse_infer.cli", "serve", "--port", str(args.port), "--log-level", "warning",
                "--max-len", str(max_len)]
         cmd += [args.model] if args.model else ["--shape", args.shape]
