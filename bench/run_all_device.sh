@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels attention e2e profile fidelity
-#   (serving work: serving batched_linear batched_decode serve_bench soak hostile http_overhead; lab: ncu ncu-src;
+#   (serving work: serving batched_linear batched_decode serve_bench mixed_step soak hostile http_overhead; lab: ncu ncu-src;
 #   full precision, issue 18: dense = dense-tests dense-kernels dense-e2e, and dense-sanitizer)
 # Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
@@ -105,6 +105,9 @@ for what in "$@"; do
         --max-batch 64 --prefill-chunk ${SERVE_PREFILL_CHUNK:-512} --concurrency 1,4,16,64 --prompt-len 128 --new-tokens 128 \
         --min-requests 64 --min-rounds 3 --max-rounds 8 --long-prompt ${SERVE_LONG:-4092} --long-among 16 --runner --peer \
         ${SERVE_PEER_EAGER:+--peer-eager} ${SERVE_ARGS:-} --json "$OUT/serve-h200.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
+    mixed_step)  # issue 17: the runner's step time with prompt chunks beside decode rows, and a 4k prompt's chunks by start
+      timeout ${MIXED_TIMEOUT:-240} python3 "$SRC/bench/mixed_step.py" --shape 2b4t --sparsity ${MIXED_SPARSITY:-0} --profile \
+        ${MIXED_ARGS:-} --json "$OUT/mixed-step-h200.json" 2>&1 | tee "$OUT/mixed-step.log" | tail -45 ;;
     soak)  # issues 9 + 17: 64 clients for 2 minutes, every response checked, the hostile battery mixed in, server RSS
       serve_deps
       timeout ${SOAK_TIMEOUT:-300} python3 "$SRC/bench/soak.py" --launch --shape 2b4t --sparsity ${SOAK_SPARSITY:-0.6} --max-batch 64 \
