@@ -18,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,6 +120,65 @@ def profile(bn: Bench, label: str, make_plan, top: int = 14) -> list[dict[str, A
     return out
 
 
+def host_profile(bn: Bench, chunk: int, top: int = 18) -> list[dict[str, Any]]:
+    """cProfile of the host side of one mixed step (1 prompt of `chunk` tokens + 12 decode rows): where the
+    eager launch's milliseconds go."""
+    import cProfile
+    import pstats
+
+    bn.ready(list(range(12)))
+    bn.r.begin(12, SamplingSettings(temperature=0.0), 0)
+    plan = StepPlan(prefills=[PrefillChunk(12, bn.ids(chunk), True)], decode=list(range(12)))
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    h = bn.r.launch(plan)
+    prof.disable()
+    h.result()
+    bn.release(list(range(13)))
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own (tottime) seconds
+    out = [{"func": f"{Path(k[0]).name}:{k[1]}:{k[2]}", "calls": v[1], "own_ms": 1e3 * v[2], "cum_ms": 1e3 * v[3]}
+           for k, v in rows]
+    print(f"  host profile, 1 x {chunk} + 12 decode (total {1e3 * st.total_tt:.2f} ms), by own time:", file=sys.stderr)
+    for o in out:
+        print(f"    {o['own_ms']:7.3f} ms own {o['cum_ms']:7.3f} cum {o['calls']:6d}x  {o['func']}", file=sys.stderr)
+    return out
+
+
+def gemm_variants(runner: GpuBatchRunner, reps: int) -> list[dict[str, Any]]:
+    """One layer's four projections at the mixed steps' row counts, through the skinny and the tiled GEMM."""
+    from qsparse_infer.kernels.linear import ternary_linear
+
+    L, k = runner.weights.layers[0], runner.topk
+    out = []
+    for t in (80, 524):
+        row: dict[str, Any] = {"T": t}
+        for v in ("skinny", "tiled"):
+            xs = {n: torch.randn(t, w.in_features, device="cuda") for n, w in
+                  (("qkv", L.qkv), ("o", L.o), ("gate_up", L.gate_up), ("down", L.down))}
+
+            def layer() -> None:
+                ternary_linear(xs["qkv"], L.qkv, k.attn, _variant=v)
+                ternary_linear(xs["o"], L.o, k.o, _variant=v)
+                ternary_linear(xs["gate_up"], L.gate_up, k.gate_up, _variant=v)
+                ternary_linear(xs["down"], L.down, k.down, _variant=v)
+            layer()
+            times = []
+            for _ in range(reps):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                layer()
+                e1.record()
+                e1.synchronize()
+                times.append(1e3 * e0.elapsed_time(e1))
+            row[f"{v}_us"] = statistics.median(times)
+        out.append(row)
+        print(f"  one layer's projections at T={t}: skinny GEMM {row['skinny_us']:.0f} us, tiled "
+              f"{row['tiled_us']:.0f} us", file=sys.stderr)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="2b4t", choices=sorted(SHAPES))
@@ -177,6 +237,9 @@ def main() -> int:
             return StepPlan(prefills=[PrefillChunk(16, bn.ids(64), False)], decode=list(range(16)))
         res["profile_late_chunk"] = profile(bn, "64 tokens at 3072 + 16 decode", late_plan)
         bn.release(list(range(17)))
+    if a.profile:
+        res["host_profile"] = host_profile(bn, a.chunk)
+        res["gemm_variants"] = gemm_variants(runner, a.reps)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels attention e2e profile fidelity
-#   (serving work: serving batched_linear batched_decode serve_bench mixed_step soak hostile http_overhead; lab: ncu ncu-src;
+#   (serving work: serving batched_linear batched_decode serve_bench attention_prefill mixed_step soak hostile http_overhead; lab: ncu ncu-src;
 #   full precision, issue 18: dense = dense-tests dense-kernels dense-e2e, and dense-sanitizer)
-# Options through the environment: PYTEST_FILES (test files for `tests`, relative to tests/; default all),
+# Options through the environment: SERVE_PEER= (serve_bench without the torch peer), PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
 # arguments, e.g. --no-peer), BL_ARGS (bench/batched_linear.py), DECODE_ARGS (bench/batched_decode.py; default --torch), REPS, SWEEP_ARGS (e.g. --only 2b4t --variants t1p,t1). `e2e-nopdl` repeats e2e with programmatic dependent launch off.
 # Logs and results go to $OUT (the device tool brings them back).
@@ -103,8 +103,11 @@ for what in "$@"; do
       serve_deps
       timeout ${SERVE_TIMEOUT:-420} python3 "$SRC/bench/serve.py" --launch --shape 2b4t --sparsity ${SERVE_SPARSITY:-0} \
         --max-batch 64 --prefill-chunk ${SERVE_PREFILL_CHUNK:-512} --concurrency 1,4,16,64 --prompt-len 128 --new-tokens 128 \
-        --min-requests 64 --min-rounds 3 --max-rounds 8 --long-prompt ${SERVE_LONG:-4092} --long-among 16 --runner --peer \
+        --min-requests 64 --min-rounds 3 --max-rounds 8 --long-prompt ${SERVE_LONG:-4092} --long-among 16 --runner ${SERVE_PEER---peer} \
         ${SERVE_PEER_EAGER:+--peer-eager} ${SERVE_ARGS:-} --json "$OUT/serve-h200.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
+    attention_prefill)  # issue 17: prefill attention variant 1 vs 2 at the serving runner's chunks (bench/attention_prefill.py)
+      timeout 120 python3 "$SRC/bench/attention_prefill.py" --json "$OUT/attention-prefill-h200.json" 2>&1 \
+        | tee "$OUT/attention-prefill.log" ;;
     mixed_step)  # issue 17: the runner's step time with prompt chunks beside decode rows, and a 4k prompt's chunks by start
       timeout ${MIXED_TIMEOUT:-240} python3 "$SRC/bench/mixed_step.py" --shape 2b4t --sparsity ${MIXED_SPARSITY:-0} --profile \
         ${MIXED_ARGS:-} --json "$OUT/mixed-step-h200.json" 2>&1 | tee "$OUT/mixed-step.log" | tail -45 ;;

@@ -52,6 +52,19 @@ void register_decode(py::module_& m) {
                   max_len, p<const int32_t>(start), p<float>(out), as_stream(stream));
       },
       "causal GQA attention of T query tokens over the KV cache (prefill)");
+  m.def("attention_tiled_workspace_floats", &attention_tiled_workspace_floats,
+        "fp32 workspace of attention_tiled for T query tokens (0 when one key split covers max_len)");
+  m.def(
+      "attention_tiled",
+      [](uintptr_t qkv, int stride, int T, int t_base, int nq, int nkv, int hd, uintptr_t kc, uintptr_t vc,
+         int cache_dtype, int max_len, uintptr_t start, uintptr_t out, uintptr_t ws, size_t ws_floats,
+         uintptr_t stream) {
+        require_gpu();
+        attention_tiled(p<const float>(qkv), stride, T, t_base, nq, nkv, hd, p<const void>(kc), p<const void>(vc),
+                        cache_dtype, max_len, p<const int32_t>(start), p<float>(out), p<float>(ws), ws_floats,
+                        as_stream(stream));
+      },
+      "causal GQA prefill attention, variant 2: query tiles x key splits (query t at *start + t_base + t)");
   m.def(
       "rope_append_batch",
       [](uintptr_t qkv, int stride, int B, int nq, int nkv, int hd, uintptr_t cos_t, uintptr_t sin_t,

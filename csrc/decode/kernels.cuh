@@ -34,6 +34,15 @@ void attention(const float* qkv, int stride, int T, int nq, int nkv, int hd, con
                const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out,
                cudaStream_t stream);
 
+// Variant 2 of the prefill attention (csrc/decode/attention_tiled.cu): tiles of 64 query rows x splits of 512
+// keys, merged in split order; query t at position *start + t_base + t. A query's bits depend only on its
+// position and the cache, not on T, t_base or the chunking. workspace: attention_tiled_workspace_floats(T, ...)
+// floats (0 when max_len <= 512).
+size_t attention_tiled_workspace_floats(int T, int nq, int hd, int max_len);
+void attention_tiled(const float* qkv, int stride, int T, int t_base, int nq, int nkv, int hd, const void* kcache,
+                     const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out,
+                     float* workspace, size_t workspace_floats, cudaStream_t stream);
+
 // Batched decode (csrc/decode/attention_batch.cu). Caches [num_slots, nkv, max_len, hd]; row b of qkv
 // [B, stride] is at position positions[b] of cache slot slots[b] (both int32 on the device).
 // rope_append_batch: rotate q of row b in place, write rotated k and v at (slots[b], positions[b]).

@@ -90,21 +90,59 @@ def rope_append(qkv: torch.Tensor, nq: int, nkv: int, hd: int, cos_t: torch.Tens
                       _stream())
 
 
+# Variant 2's fp32 partials per call are capped here (~64 MB); longer calls run in blocks of rows, which
+# gives the same bits (a query's result depends only on its position).
+PREFILL_WORKSPACE_FLOATS = 16 * 2**20
+_prefill_ws: dict[int, torch.Tensor] = {}
+
+
+def _prefill_workspace(device: torch.device, floats: int) -> torch.Tensor:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    ws = _prefill_ws.get(key)
+    if ws is None or ws.numel() < floats:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"attention: the prefill workspace must grow to {floats} floats during CUDA graph "
+                               "capture; run the call once with these shapes before capturing")
+        ws = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
+        _prefill_ws[key] = ws
+    return ws
+
+
 def attention(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              start: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+              start: torch.Tensor, out: torch.Tensor | None = None, variant: int = 2) -> torch.Tensor:
     """Causal attention of the T query rows of qkv (rotated q first) over the cache, query t at position
-    start[0] + t (the prefill path; one-token decode uses attention_decode). Returns fp32 [T, nq*hd]."""
+    start[0] + t (the prefill path; one-token decode uses attention_decode). Returns fp32 [T, nq*hd].
+
+    variant 2 (default, csrc/decode/attention_tiled.cu): 64-row query tiles x 512-key splits; a query's bits
+    depend only on its position and the cache, so chunked prefill equals one call. variant 1
+    (csrc/decode/attention.cu): one block per (kv head, query), the reference and the lab's baseline."""
     _check(qkv, "qkv", (torch.float32,), 2)
     max_len = _check_cache(k_cache, v_cache, nkv, hd)
     _check(start, "start", (torch.int32,), 1)
+    if variant not in (1, 2):
+        raise ValueError(f"attention variant must be 1 or 2, got {variant!r}")
     t = qkv.shape[0]
     if out is None:
         out = torch.empty((t, nq * hd), dtype=torch.float32, device=qkv.device)
     _check(out, "out", (torch.float32,), 2)
     if tuple(out.shape) != (t, nq * hd):
         raise ValueError(f"out must be [{t}, {nq * hd}], got {tuple(out.shape)}")
-    ext().attention(qkv.data_ptr(), qkv.shape[1], t, nq, nkv, hd, k_cache.data_ptr(), v_cache.data_ptr(),
-                    DTYPE_CODE[k_cache.dtype], max_len, start.data_ptr(), out.data_ptr(), _stream())
+    if variant == 1:
+        ext().attention(qkv.data_ptr(), qkv.shape[1], t, nq, nkv, hd, k_cache.data_ptr(), v_cache.data_ptr(),
+                        DTYPE_CODE[k_cache.dtype], max_len, start.data_ptr(), out.data_ptr(), _stream())
+        return out
+    if t == 0:
+        return out
+    per_row = ext().attention_tiled_workspace_floats(1, nq, hd, max_len)
+    rows = t if per_row == 0 else max(1, min(t, PREFILL_WORKSPACE_FLOATS // per_row))
+    ws = _prefill_workspace(qkv.device, rows * per_row) if per_row else None
+    stride, row_q, row_o = qkv.shape[1], qkv.shape[1] * 4, nq * hd * 4
+    for r0 in range(0, t, rows):
+        n = min(rows, t - r0)
+        ext().attention_tiled(qkv.data_ptr() + r0 * row_q, stride, n, r0, nq, nkv, hd, k_cache.data_ptr(),
+                              v_cache.data_ptr(), DTYPE_CODE[k_cache.dtype], max_len, start.data_ptr(),
+                              out.data_ptr() + r0 * row_o, ws.data_ptr() if ws is not None else 0,
+                              n * per_row, _stream())
     return out
 
 
