@@ -2,7 +2,7 @@
 // is csrc/decode/attention.cu and stays the reference and the fallback).
 //
 // Why: variant 1 gives each (kv head, query) a block that walks every key alone, one position per warp step.
-// A 64-token chunk at position 3072 then costs ~1.5 ms per layer on an H200 (bench/results/mixed-step-h200.json),
+// A 64-token chunk at position 3072 then costs ~1.5 ms per layer on an H200 (bench/results/mixed-step-v1attn-h200.json),
 // 45 ms of a 53 ms serving step, and a 4k prompt takes 2.3 s to prefill among 16 decoding streams.
 //
 // Here a block takes kTileRows query rows (TQ = kTileRows / G tokens x the G query heads of one kv head) and one
