@@ -31,11 +31,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def reference(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, start: int) -> torch.Tensor:
     """q [T, nq, hd]; caches [nkv, L, hd]: float64 causal GQA attention, query i at position start + i
-    (keys 0 .. min(start + i, L - 1))."""
+    (keys 0 .. min(start + i, L - 1)). Positions past start + T hold NaN poison, so they are cut off first."""
     t, nq, hd = q.shape
-    nkv, max_len = kc.shape[0], kc.shape[1]
-    k = kc.double().repeat_interleave(nq // nkv, 0)
-    v = vc.double().repeat_interleave(nq // nkv, 0)
+    nkv, max_len = kc.shape[0], min(kc.shape[1], start + t)  # no query sees a key past its own position
+    k = kc[:, :max_len].double().repeat_interleave(nq // nkv, 0)
+    v = vc[:, :max_len].double().repeat_interleave(nq // nkv, 0)
     sc = torch.einsum("thd,hsd->ths", q.double(), k) / math.sqrt(hd)
     pos = torch.arange(max_len)
     last = (start + torch.arange(t)).clamp(max=max_len - 1)
@@ -125,3 +125,15 @@ def test_prefill_attention_rejects_bad_arguments():
         dk.attention(qkv, 8, 2, 64, kc[:1], vc[:1], st)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         dk.attention(qkv, 9, 2, 64, kc, vc, st)
+
+
+def test_current_stream_handle_is_torchs_stream():
+    """The kernels' raw stream handle (kernels/_ext.current_stream_handle) is torch's current stream, also
+    under a side stream (CUDA graph capture runs on one)."""
+    from qsparse_infer.kernels._ext import current_stream_handle
+
+    assert current_stream_handle() == torch.cuda.current_stream().cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert current_stream_handle() == side.cuda_stream == torch.cuda.current_stream().cuda_stream
+        assert current_stream_handle(torch.device("cuda", torch.cuda.current_device())) == side.cuda_stream
