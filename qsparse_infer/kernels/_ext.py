@@ -67,17 +67,3 @@ def require_gpu(cpu_hint: str = CPU_HINT) -> None:
         raise RuntimeError(f"{reason}; {cpu_hint}") from None
     if not torch.cuda.is_available():
         raise RuntimeError(f"torch cannot see a CUDA GPU (CPU-only torch build?); {cpu_hint}")
-
-
-def current_stream_handle(device: "object | None" = None) -> int:
-    """The current CUDA stream of `device` (a torch.device, an index, or None for the current device) as the raw
-    cudaStream_t the kernels take. torch.cuda.current_stream(dev).cuda_stream costs ~15 us of Python per call
-    (device-index parsing, a Stream object; bench/NOTES-serving.md), and an eager mixed serving step makes ~200
-    kernel calls; torch's own compiled code takes the raw handle the same way."""
-    import torch
-
-    idx = getattr(device, "index", device)
-    if idx is None:
-        idx = torch.cuda.current_device()
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return raw(idx) if raw is not None else torch.cuda.current_stream(idx).cuda_stream

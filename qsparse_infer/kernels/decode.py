@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ._ext import current_stream_handle, ext
+from ._ext import ext
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _stream() -> int:
-    return current_stream_handle()
+    return torch.cuda.current_stream().cuda_stream
 
 
 def _check(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], dim: int | None = None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import packing
-from ._ext import current_stream_handle, ext
+from ._ext import ext
 
 EPI_PLAIN, EPI_RESIDUAL, EPI_RELU2, EPI_SILU = 0, 1, 2, 3
 GLU_EPILOGUES = {"relu2": EPI_RELU2, "silu": EPI_SILU}
@@ -180,7 +180,7 @@ def _buffer(device: torch.device, name: str, numel: int, dtype: torch.dtype) -> 
 
 
 def _stream(device: torch.device) -> int:
-    return current_stream_handle(device)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 @dataclass(frozen=True)

@@ -126,14 +126,3 @@ def test_prefill_attention_rejects_bad_arguments():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         dk.attention(qkv, 9, 2, 64, kc, vc, st)
 
-
-def test_current_stream_handle_is_torchs_stream():
-    """The kernels' raw stream handle (kernels/_ext.current_stream_handle) is torch's current stream, also
-    under a side stream (CUDA graph capture runs on one)."""
-    from qsparse_infer.kernels._ext import current_stream_handle
-
-    assert current_stream_handle() == torch.cuda.current_stream().cuda_stream
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        assert current_stream_handle() == side.cuda_stream == torch.cuda.current_stream().cuda_stream
-        assert current_stream_handle(torch.device("cuda", torch.cuda.current_device())) == side.cuda_stream
