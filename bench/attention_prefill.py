@@ -12,28 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 
 from qsparse_infer.kernels import decode as dk
+from qsparse_infer.kernels.ceilings import median_seconds
 
 NQ, NKV, HD, MAX_LEN = 20, 5, 128, 4096
 CASES = [(128, 0), (512, 0), (64, 1024), (64, 3072), (512, 1536), (512, 3584)]
 
 
 def time_us(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(1e3 * a.elapsed_time(b))
-    return statistics.median(times)
+    return 1e6 * median_seconds(fn, reps, warmup=1)
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from qsparse_infer.generate.sampling import SamplingSettings
+from qsparse_infer.kernels.ceilings import median_seconds
 from qsparse_infer.model.config import SparsityConfig
 from qsparse_infer.model.random_model import SHAPES, random_engine
 from qsparse_infer.serving.gpu_runner import GpuBatchRunner
@@ -163,16 +164,7 @@ def gemm_variants(runner: GpuBatchRunner, reps: int) -> list[dict[str, Any]]:
                 ternary_linear(xs["o"], L.o, k.o, _variant=v)
                 ternary_linear(xs["gate_up"], L.gate_up, k.gate_up, _variant=v)
                 ternary_linear(xs["down"], L.down, k.down, _variant=v)
-            layer()
-            times = []
-            for _ in range(reps):
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                layer()
-                e1.record()
-                e1.synchronize()
-                times.append(1e3 * e0.elapsed_time(e1))
-            row[f"{v}_us"] = statistics.median(times)
+            row[f"{v}_us"] = 1e6 * median_seconds(layer, reps, warmup=1)
         out.append(row)
         print(f"  one layer's projections at T={t}: skinny GEMM {row['skinny_us']:.0f} us, tiled "
               f"{row['tiled_us']:.0f} us", file=sys.stderr)

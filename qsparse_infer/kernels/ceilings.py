@@ -18,7 +18,9 @@ from ._ext import ext
 DEFAULT_BYTES = 1 << 30
 
 
-def _median_seconds(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
+def median_seconds(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
+    """Median wall time of fn on the current stream, CUDA events around each call (the benchmarks' timer for
+    work long enough that one launch's latency does not matter)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -56,11 +58,11 @@ def streaming_gbps(device: torch.device | str | None = None, nbytes: int = DEFAU
     with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
         src = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda").random_()
         dst = torch.empty_like(src)
-        copy_s = _median_seconds(lambda: dst.copy_(src), reps)
+        copy_s = median_seconds(lambda: dst.copy_(src), reps)
         del dst
         blocks = ext().stream_read_blocks()
         out = torch.empty(blocks, dtype=torch.int32, device="cuda")
-        read_s = _median_seconds(lambda: stream_read(src, out, blocks), reps)
+        read_s = median_seconds(lambda: stream_read(src, out, blocks), reps)
         del src, out
         torch.cuda.empty_cache()
     copy = 2 * nbytes / copy_s / 1e9
