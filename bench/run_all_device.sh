@@ -45,6 +45,20 @@ for what in "$@"; do
         "$SRC/tests/kernels/test_head_int8_gpu.py" "$SRC/tests/kernels/test_ceilings_gpu.py" "$SRC/tests/serving/test_serving_gpu.py" "$SRC/tests/kernels/test_decode_kernels_gpu.py" \
         -k "(gemv_t1_exact and 0.6 and randn) or early_exit or dependent_chain or identical_across_paths or (norm_fused_linear and t1p) or graph_replay_new_lengths or single_sequence_cache or lm_head_int8_kernel or stream_read_sums or sample_batch or lm_head_rows or lm_head_mma_accuracy or (gemm_skinny_shapes and 33) or (fused_rope_bit_identical and 20-5-128) or greedy_vector_and_tail" \
         > "$OUT/sanitizer.log" 2>&1; echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -3 ;;
+    persistent|persistent-tests)  # issue 16: the persistent decode step's GPU tests, memcheck on a small model, its profile
+      timeout 300 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" -rfEs \
+        "$SRC/tests/gpu/test_persistent_step_gpu.py" ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/persistent-tests.log" | tail -25 ;;&
+    persistent|persistent-sanitizer)
+      timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \
+        --rootdir "$SRC" -c "$SRC/pyproject.toml" "$SRC/tests/gpu/test_persistent_step_gpu.py" \
+        -k "raw_int32 and bitnet and True or small_grids and 7" > "$OUT/persistent-sanitizer.log" 2>&1
+      echo "persistent memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/persistent-sanitizer.log" | tail -3 ;;&
+    persistent|persistent-profile)
+      for shape in ${PROFILE_SHAPES:-2b4t 8b}; do
+        timeout 200 python3 "$SRC/bench/persistent_profile.py" --shape $shape --sparsity ${PROFILE_SPARSITY:-0,0.6} --prefetch ${PROFILE_PREFETCH:-on} --out "$OUT" 2>&1 \
+          | tee "$OUT/persistent-profile-$shape.log" | tail -22
+      done ;;
+    persistent-tests|persistent-sanitizer|persistent-profile) ;;
     sweep)
       timeout 200 python3 "$SRC/bench/gemv_sweep.py" ${SWEEP_ARGS:-} --json "$OUT/gemv-sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^  skip" ;;
     diag)

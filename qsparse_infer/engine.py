@@ -31,7 +31,8 @@ class Engine:
     """A loaded model. Attributes: config, sparsity, tokenizer (None if the file has none), device,
     file (EngineFile), model (the reference Transformer, CPU, built lazily) and, on "cuda", gpu (the GPU decoder)."""
 
-    def __init__(self, file: EngineFile, device: str, sparsity: SparsityConfig, kv_cache: str = "bf16") -> None:
+    def __init__(self, file: EngineFile, device: str, sparsity: SparsityConfig, kv_cache: str = "bf16",
+                 decode_kernel: str = "multi") -> None:
         from .model.tokenizer import Tokenizer
 
         self.file = file
@@ -45,21 +46,31 @@ class Engine:
         self.gpu = None
         if kv_cache not in KV_CACHE_DTYPES:  # checked on the CPU too, so a typo fails where it is written
             raise ValueError(f"kv_cache must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache!r}")
+        from .gpu.model import DECODE_KERNELS  # importable without a GPU
+
+        if decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel must be one of {', '.join(DECODE_KERNELS)}, got {decode_kernel!r}")
+        if decode_kernel == "persistent" and device != "cuda":
+            raise ValueError("the persistent decode kernel needs a GPU (device=\"cuda\")")
         check_topk(self.config, sparsity)
         if device == "cuda":
             from .gpu.model import GpuModel
 
-            self.gpu = GpuModel(self.file, self.sparsity, kv_dtype=KV_CACHE_DTYPES[kv_cache])
+            self.gpu = GpuModel(self.file, self.sparsity, kv_dtype=KV_CACHE_DTYPES[kv_cache],
+                                decode_kernel=decode_kernel)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto",
              sparsity: SparsityConfig | str | float | None = None, kv_cache: str = "bf16",
-             lm_head: str | None = None) -> "Engine":
+             lm_head: str | None = None, decode_kernel: str = "multi") -> "Engine":
         """Load an engine file (None: the built-in Shakespeare model). device: "auto", "cuda" or "cpu".
         sparsity overrides the ratios stored in the file. kv_cache ("bf16" or "fp32", GPU only): bf16 halves
         the cache's memory and bytes read per token; fp32 follows the reference model's math exactly.
         lm_head: None uses the head the file has; "int8" uses the int8 head (head_int8.py; quantized here when
-        the file has none), halving the head's bytes per token; "bf16" uses the float head as stored."""
+        the file has none), halving the head's bytes per token; "bf16" uses the float head as stored.
+        decode_kernel (GPU): "multi" (the decode step as a chain of kernels), "persistent" (its layers as one
+        persistent kernel, bit-identical; bench/NOTES-persistent.md has where each is faster) or "auto"
+        (persistent where the shape supports it)."""
         if path is None:
             if not BUILTIN_MODEL.is_file():
                 raise FileNotFoundError(
@@ -70,7 +81,7 @@ class Engine:
         from .model.head_int8 import with_lm_head
 
         ef = with_lm_head(read_engine(path), lm_head)
-        engine = cls(ef, device, _resolve_sparsity(sparsity, ef.sparsity), kv_cache)
+        engine = cls(ef, device, _resolve_sparsity(sparsity, ef.sparsity), kv_cache, decode_kernel)
         engine.auto_cpu_fallback = requested == "auto" and device == "cpu"  # already warned about
         return engine
 

@@ -110,3 +110,12 @@ def test_text_methods_delegate_to_generation(path, monkeypatch):
     assert engine.generate("ROMEO:", max_new_tokens=3) == "generate"
     assert engine.stream("x") == "stream" and engine.chat([{"role": "user", "content": "hi"}]) == "chat"
     assert calls[0][:3] == ("generate", engine, "ROMEO:") and calls[0][3]["max_new_tokens"] == 3
+
+
+def test_decode_kernel_choice_is_checked_on_the_cpu():
+    """A bad decode_kernel fails where it is written, and the persistent kernel asks for a GPU on the CPU."""
+    with pytest.raises(ValueError, match="decode_kernel must be one of multi, persistent, auto"):
+        Engine.load(device="cpu", decode_kernel="fast")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        Engine.load(device="cpu", decode_kernel="persistent")
+    assert Engine.load(device="cpu", decode_kernel="auto").gpu is None

@@ -149,7 +149,9 @@ struct Selection {
 // lin::load_row (256 strided partials, then lin::block_reduce_sum), so every kernel that fuses the norm
 // (this one, variant 1, the select kernel in front of the GEMM) normalizes bit-identically, and a row's
 // result does not depend on which of them served it (batched decode relies on that).
-template <int NT, int KPT, bool kPrefetchedNorm, typename OnStep>
+// kCoherentX: x is fp32 written by other SMs earlier in the same launch (the persistent decode step), so it
+// is read through L2 (__ldcg), never from this SM's possibly stale L1.
+template <int NT, int KPT, bool kPrefetchedNorm, bool kCoherentX = false, typename OnStep>
 __device__ __forceinline__ Selection select(const SelectArgs& s, const float (&nw)[kPrefetchedNorm ? KPT : 1],
                                             float (&v)[KPT], Shared& sh, float* xs, OnStep on_step) {
   static_assert(NT >= 256, "the canonical sum of squares uses 256 partial sums");
@@ -158,7 +160,8 @@ __device__ __forceinline__ Selection select(const SelectArgs& s, const float (&n
 #pragma unroll
   for (int j = 0; j < KPT; ++j) {
     const int i = base + 32 * j;
-    v[j] = i < D ? lin::load_x(s.x, s.x_bf16, i) : 0.f;
+    if constexpr (kCoherentX) v[j] = i < D ? __ldcg(reinterpret_cast<const float*>(s.x) + i) : 0.f;
+    else v[j] = i < D ? lin::load_x(s.x, s.x_bf16, i) : 0.f;
   }
   if (s.norm_w != nullptr) {
 #pragma unroll

@@ -54,7 +54,7 @@ def _wall(fn) -> float:
 
 
 def bench_ours(ef: Any, sparsity: SparsityConfig, prompt: torch.Tensor, new_tokens: int, reps: int,
-               kv_dtype: torch.dtype) -> dict[str, Any]:
+               kv_dtype: torch.dtype, decode_kernel: str = "multi") -> dict[str, Any]:
     from ..generate.sampling import SamplingSettings
     from ..gpu.model import GpuModel
 
@@ -62,7 +62,7 @@ def bench_ours(ef: Any, sparsity: SparsityConfig, prompt: torch.Tensor, new_toke
     torch.cuda.reset_peak_memory_stats()
     greedy = SamplingSettings(temperature=0.0)
     p = prompt.numel()
-    model = GpuModel(ef, sparsity, max_len=p + new_tokens + 1, kv_dtype=kv_dtype)
+    model = GpuModel(ef, sparsity, max_len=p + new_tokens + 1, kv_dtype=kv_dtype, decode_kernel=decode_kernel)
     model.prefill(prompt, greedy)  # warm-up (sizes the prefill workspaces)
     prefill_s = [_wall(lambda: model.prefill(prompt, greedy)) for _ in range(reps)]
     step_ms: list[float] = []
@@ -80,6 +80,7 @@ def bench_ours(ef: Any, sparsity: SparsityConfig, prompt: torch.Tensor, new_toke
     ideal = model.packed_bytes + model.embed_bytes + (model.head_bytes if separate_head else 0) + model.kv_bytes
     out = {
         "sparsity": sparsity.to_dict(),
+        "decode_kernel": model.decode_kernel,
         "lm_head": "int8" if model.head_q8 is not None else "bf16",
         "prefill_tok_s": p / statistics.median(prefill_s),
         "decode_ms_per_token": ms,
@@ -124,9 +125,11 @@ def bench_torch(cfg, prompt: torch.Tensor, new_tokens: int, reps: int, compile: 
     return out
 
 
-def run_key(s: float, head: str) -> str:
-    """Row key: the sparsity ("0.6") for the bf16 head, "0.6 int8-head" for the int8 head."""
-    return f"{s:g}" if head == "bf16" else f"{s:g} int8-head"
+def run_key(s: float, head: str, decode_kernel: str = "multi") -> str:
+    """Row key: the sparsity ("0.6") for the bf16 head, "0.6 int8-head" for the int8 head; " persistent" is
+    appended for the persistent decode step."""
+    key = f"{s:g}" if head == "bf16" else f"{s:g} int8-head"
+    return key + (" persistent" if decode_kernel == "persistent" else "")
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,11 +163,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "torch_version": torch.__version__, "runs": {},
     }
     heads = ["bf16"] + (["int8"] if args.lm_head == "int8" else [])
+    dk_arg = getattr(args, "decode_kernel", "multi")
+    kernels = ["multi", "persistent"] if dk_arg == "both" else [dk_arg]
     for head in heads:
         ef_head = with_lm_head(ef, head)
-        for s in sparsities:
-            key = run_key(s, head)
-            r = bench_ours(ef_head, SparsityConfig.uniform(s), prompt, args.new_tokens, args.reps, kv_dtype)
+        for s, kernel in [(s, k) for s in sparsities for k in kernels]:
+            key = run_key(s, head, kernel)
+            r = bench_ours(ef_head, SparsityConfig.uniform(s), prompt, args.new_tokens, args.reps, kv_dtype, kernel)
             r["pct_of_streaming"] = 100 * r["achieved_gbps"] / ceiling["streaming_gbps"]
             res["runs"][key] = r
             print(f"S={key}: decode {r['decode_tok_s']:.0f} tok/s ({r['decode_ms_per_token']:.3f} ms), prefill "
@@ -179,6 +184,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             for s in sparsities:
                 res["profile"][run_key(s, head)] = profile_decode(
                     with_lm_head(ef, head), SparsityConfig.uniform(s), prompt, ceiling["streaming_gbps"], kv_dtype)
+        if "persistent" in kernels:  # inside the one kernel: per-op phases and a timeline (step_profile.py)
+            from .step_profile import profile_persistent
+
+            res["step_profile"] = {}
+            for head in heads:
+                for s in sparsities:
+                    res["step_profile"][run_key(s, head, "persistent")] = profile_persistent(
+                        with_lm_head(ef, head), SparsityConfig.uniform(s), prompt, ceiling["streaming_gbps"],
+                        kv_dtype)
     del ef
     torch.cuda.empty_cache()
     runs = res["runs"]
@@ -237,6 +251,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", "## Per-phase breakdown (`--profile`)", ""]
         for key, prof in res["profile"].items():
             lines += [f"### S={key}", "", table(prof), ""]
+    if "step_profile" in res:
+        from .step_profile import markdown_lines
+
+        lines += ["", "## Inside the persistent step (`--profile`; columns: qsparse_infer/bench/step_profile.py)", ""]
+        for key, r in res["step_profile"].items():
+            lines += markdown_lines(f"S={key}", r)
     if res.get("config", {}).get("precision", "ternary") != "ternary":
         lines += fp_target_lines(res)
     else:
@@ -257,21 +277,27 @@ def target_lines(res: dict[str, Any]) -> list[str]:
     """The report's check of issue 16's targets for its shape: met or missed, from the numbers measured."""
     want = TARGETS.get(res.get("model", ""))
     runs = res["runs"]
-    if want is None or "0" not in runs:
-        return []
-    s0 = runs["0"]
     checks: list[tuple[str, float | None, float, str]] = []  # (what, measured, target, unit)
-    if "s0_tok_s" in want:
-        checks.append(("S=0 decode tok/s", s0["decode_tok_s"], want["s0_tok_s"], ""))
-    if "s0_vs_torch" in want and "speedup_vs_torch_bf16" in res:
-        checks.append(("S=0 vs the torch bf16 peer", res["speedup_vs_torch_bf16"]["0"], want["s0_vs_torch"], "x"))
-    if "s0_pct_streaming" in want and "pct_of_streaming" in s0:
-        checks.append(("S=0 % of the streaming ceiling", s0["pct_of_streaming"], want["s0_pct_streaming"], "%"))
-    if "0.6" in runs:
-        checks.append(("S=0.6 vs our S=0", res["speedup_vs_our_s0"]["0.6"], want["sparse_vs_s0"], "x"))
-    if "sparse_int8_tok_s" in want and "0.6 int8-head" in runs:
-        checks.append(("S=0.6 with the int8 head, decode tok/s", runs["0.6 int8-head"]["decode_tok_s"],
-                       want["sparse_int8_tok_s"], ""))
+    for sfx in ("", " persistent"):  # each decode kernel against its own S = 0
+        if want is None or "0" + sfx not in runs:
+            continue
+        s0, tag = runs["0" + sfx], sfx.strip() + " " if sfx else ""
+        if "s0_tok_s" in want:
+            checks.append((f"S=0 {tag}decode tok/s", s0["decode_tok_s"], want["s0_tok_s"], ""))
+        if "s0_vs_torch" in want and "speedup_vs_torch_bf16" in res:
+            checks.append((f"S=0 {tag}vs the torch bf16 peer", res["speedup_vs_torch_bf16"]["0" + sfx],
+                           want["s0_vs_torch"], "x"))
+        if "s0_pct_streaming" in want and "pct_of_streaming" in s0:
+            checks.append((f"S=0 {tag}% of the streaming ceiling", s0["pct_of_streaming"], want["s0_pct_streaming"],
+                           "%"))
+        if "0.6" + sfx in runs:
+            checks.append((f"S=0.6 {tag}vs our S=0 {tag}".rstrip(),
+                           runs["0.6" + sfx]["decode_tok_s"] / s0["decode_tok_s"], want["sparse_vs_s0"], "x"))
+        if "sparse_int8_tok_s" in want and "0.6 int8-head" + sfx in runs:
+            checks.append((f"S=0.6 {tag}with the int8 head, decode tok/s", runs["0.6 int8-head" + sfx]["decode_tok_s"],
+                           want["sparse_int8_tok_s"], ""))
+    if not checks:
+        return []
     lines = ["", f"Targets (issue 16, {res['model']} shape):", ""]
     for what, got, target, unit in checks:
         fmt = ".2f" if unit == "x" else ".0f"
@@ -328,6 +354,10 @@ def write_outputs(res: dict[str, Any], json_path: Path) -> None:
     write_text(json_path.with_suffix(".md"), markdown(res))
     try:
         plot(res, json_path.with_suffix(".png"))
+        if "step_profile" in res:
+            from .step_profile import plot_timelines
+
+            plot_timelines(res["step_profile"], res["model"], json_path.with_name(json_path.stem + "-timeline.png"))
     except ImportError:
         print("matplotlib is not installed: no plot (run `qsparse bench --plot-only FILE.json` elsewhere)",
               file=sys.stderr)
@@ -344,10 +374,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions (medians are reported)")
     p.add_argument("--kv-dtype", choices=("bf16", "fp32"), default="bf16", help="KV cache dtype")
     p.add_argument("--no-peer", action="store_true", help="skip the PyTorch bf16 peer")
+    p.add_argument("--decode-kernel", choices=("multi", "persistent", "both"), default="multi",
+                   help="the decode step's layers as a chain of kernels, as one persistent kernel, or both in one run")
     p.add_argument("--lm-head", choices=("bf16", "int8"), default="bf16",
                    help="int8: also measure every sparsity with the int8 LM head (own rows, same run)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one eager decode step per row: time per kernel kind beside its bytes floor")
+                   help="also profile one eager decode step per row: time per kernel kind beside its bytes floor; "
+                        "for the persistent step, per-op phases and a timeline PNG (<json>-timeline.png)")
     p.add_argument("--peer-no-compile", action="store_true", help="peer without torch.compile (graph only)")
     p.add_argument("--json", default=None, help="output JSON (default bench/results/e2e-<card>.json)")
     p.add_argument("--plot-only", default=None, metavar="JSON", help="only (re)draw the PNG and markdown of a JSON")

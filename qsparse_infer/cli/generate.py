@@ -28,11 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: the GPU if there is one, else the CPU")
     p.add_argument("--lm-head", choices=("bf16", "int8"), default=None,
                    help="LM head precision (default: what the file has); int8 is quantized at load time if needed")
+    p.add_argument("--decode-kernel", choices=("multi", "persistent", "auto"), default="multi",
+                   help="GPU decode step: a chain of kernels, its layers as one persistent kernel (same tokens), "
+                        "or auto (persistent where supported)")
 
 
 def run(args: argparse.Namespace) -> int:
     prompt = _cli_prompt(args)
-    engine = Engine.load(args.model, device=args.device, sparsity=args.sparsity, lm_head=args.lm_head)
+    engine = Engine.load(args.model, device=args.device, sparsity=args.sparsity, lm_head=args.lm_head,
+                         decode_kernel=args.decode_kernel)
     if engine.tokenizer is None:
         if isinstance(prompt, str):
             raise ValueError("this model has no tokenizer: give the prompt as token ids, e.g. --ids 1,17,42")

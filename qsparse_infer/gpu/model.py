@@ -1,7 +1,8 @@
 """The GPU decoder: weights uploaded once, static buffers, a KV cache, batched prefill and a decode step
 captured in one CUDA graph.
 
-Decode step (one token, all through our kernels; position, token and RNG step live in device buffers so
+Decode step (one token, all through our kernels; decode_kernel="persistent" runs the layers below as one
+persistent kernel instead, gpu/persistent.py, with the same bits; position, token and RNG step live in device buffers so
 the captured graph replays step after step without any host work per layer):
   embedding -> per layer:
     ternary_linear(qkv, fused input RMSNorm) -> attention with RoPE + KV append fused in (batched split-K
@@ -28,7 +29,9 @@ from ..model.config import ModelConfig, SparsityConfig
 from ..model.reference import rope_cos_sin
 from .weights import GpuWeights, TopK, decode_settings, host_weight_bytes, row_bytes, run_head, run_layers
 
-__all__ = ["GpuModel"]
+__all__ = ["GpuModel", "DECODE_KERNELS"]
+
+DECODE_KERNELS = ("multi", "persistent", "auto")
 
 
 def _fmt_gib(n: float) -> str:
@@ -41,7 +44,7 @@ class GpuModel:
 
     def __init__(self, ef: Any, sparsity: SparsityConfig | None = None, *, max_len: int | None = None,
                  kv_dtype: torch.dtype = torch.bfloat16, use_graph: bool = True,
-                 device: str | torch.device = "cuda") -> None:
+                 device: str | torch.device = "cuda", decode_kernel: str = "multi") -> None:
         from ..kernels.linear import ternary_linear
 
         self._linear = ternary_linear
@@ -72,9 +75,24 @@ class GpuModel:
             raise RuntimeError(f"CUDA out of memory while loading the model: needs about {_fmt_gib(need)} "
                                f"(weights + KV cache) plus buffers, {_fmt_gib(free_now)} free") from None
         self._set_k()
+        self.persistent: Any = None
+        self._set_decode_kernel(decode_kernel)
         if use_graph:
             self._capture()
         self.reset()
+
+    def _set_decode_kernel(self, name: str) -> None:
+        """"multi": the step as a chain of per-op kernels; "persistent": its layers as one persistent kernel
+        (gpu/persistent.py; bit-identical); "auto": persistent where supported."""
+        if name not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel must be one of {', '.join(DECODE_KERNELS)}, got {name!r}")
+        from .persistent import PersistentStep, unsupported_reason
+
+        why = unsupported_reason(self) if name != "multi" else None
+        if name == "persistent" and why is not None:
+            raise ValueError(why)
+        self.persistent = PersistentStep(self) if name != "multi" and why is None else None
+        self.decode_kernel = "persistent" if self.persistent is not None else "multi"
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -172,7 +190,10 @@ class GpuModel:
 
     def _decode_step(self) -> None:
         dk.embedding(self.embed, self.token, out=self.h)
-        self._layers(self.h, self.qkv, self.attn, self.mlp, decode=True)
+        if self.persistent is not None:
+            self.persistent.run()
+        else:
+            self._layers(self.h, self.qkv, self.attn, self.mlp, decode=True)
         self._head(self.h, self.logits_buf)
         dk.sample(self.logits_buf, self.seen, self.fparams, self.iparams, self.rng, self.pos, self.token,
                   self.history, advance=1)
@@ -306,6 +327,17 @@ class GpuModel:
         finally:
             self.reset()
         return result
+
+    def set_decode_kernel(self, name: str) -> None:
+        """Switch the decode step's layers between "multi", "persistent" and "auto" (between sequences: a
+        captured graph is captured again)."""
+        if self.length:
+            raise RuntimeError("switch the decode kernel between sequences (after reset or before prefill)")
+        self._set_decode_kernel(name)
+        if self.graph is not None:
+            self.graph = None
+            self._capture()
+            self.reset()
 
     def set_graph(self, enabled: bool) -> None:
         """Use the captured graph (True) or the eager step (False) from the next step on; captures on demand

@@ -72,3 +72,31 @@ def test_require_gpu_is_clear_without_gpu():
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         _ext.require_gpu()
     assert _ext.gpu_available() is False
+
+
+def test_persistent_step_bindings_validate_without_a_gpu():
+    """The persistent decode step's schedule packing and shape checks are host code: they work (and refuse
+    bad arguments) on a machine without a GPU."""
+    c = _compiled()
+    assert c.STEP_PROF_WORDS == 8
+    assert c.step_op_bytes() % 16 == 0
+    assert c.step_unsupported(1, 128, 4, 6912) is None  # 2B4T, bf16 cache
+    assert "16 bytes" in c.step_unsupported(1, 36, 2, 200)  # a 72-byte cache row
+    assert "8 query heads" in c.step_unsupported(1, 128, 9, 4096)
+    assert "14336" in c.step_unsupported(1, 128, 8, 28672)  # 70B's FFN input
+    assert "bfloat16 or float32" in c.step_unsupported(2, 128, 4, 4096)
+    ok = dict(x=16, norm_w=0, packed=32, colinfo=48, scales=64, residual=0, out=80, acc=96, arrive=112, raw=0)
+
+    def pack(D=256, K=100, RB=64, R=2, ncb=1, epi=0, eps=1e-5, **ptr):
+        p = {**ok, **ptr}
+        return c.step_pack_gemv(-1, 0, 0, 0, D, K, RB, 1, epi, 256, R, ncb, 1, eps, p["x"], p["norm_w"], p["packed"],
+                                p["colinfo"], p["scales"], p["residual"], p["out"], p["acc"], p["arrive"], p["raw"])
+
+    assert len(pack()) == c.step_op_bytes()
+    assert len(c.step_pack_attention(0, 1, 1, 0, 16, 32)) == c.step_op_bytes()
+    for bad, match in ((dict(K=300), "K <= D"), (dict(K=0), "K <= D"), (dict(ncb=0), "tiling"),
+                       (dict(RB=256), "tiling"), (dict(epi=1), "null"), (dict(x=0), "null"), (dict(eps=0.0), "eps")):
+        with pytest.raises(ValueError, match=match):
+            pack(**bad)
+    with pytest.raises(ValueError, match="null"):
+        c.step_pack_attention(0, 1, 1, 0, 0, 32)
