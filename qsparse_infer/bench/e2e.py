@@ -165,6 +165,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     heads = ["bf16"] + (["int8"] if args.lm_head == "int8" else [])
     dk_arg = getattr(args, "decode_kernel", "multi")
     kernels = ["multi", "persistent"] if dk_arg == "both" else [dk_arg]
+    if "persistent" in kernels:
+        from ..gpu.persistent import unsupported_for
+        from ..gpu.weights import TopK
+
+        why = next(filter(None, (unsupported_for(cfg, TopK.of(cfg, SparsityConfig.uniform(s)), kv_dtype)
+                                 for s in sparsities)), None)
+        if why is not None and dk_arg == "persistent":
+            raise ValueError(why)
+        if why is not None:
+            print(f"{why}: only the multi-kernel step is measured", file=sys.stderr)
+            kernels = ["multi"]
     for head in heads:
         ef_head = with_lm_head(ef, head)
         for s, kernel in [(s, k) for s in sparsities for k in kernels]:

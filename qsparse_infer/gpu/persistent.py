@@ -21,8 +21,10 @@ import torch
 from ..kernels import decode as dk
 from ..kernels._ext import ext
 from ..kernels.linear import EPI_PLAIN, EPI_RESIDUAL, GLU_EPILOGUES, PackedTernary
+from ..model.config import ModelConfig
+from .weights import TopK
 
-__all__ = ["PersistentStep", "OP_NAMES", "unsupported_reason"]
+__all__ = ["PersistentStep", "OP_NAMES", "unsupported_for", "unsupported_reason"]
 
 OP_NAMES = ("qkv", "attention", "o", "gate_up", "down")
 COLS = 512  # columns per projection tile (t1::kColsPerCta)
@@ -32,19 +34,22 @@ def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
+def unsupported_for(cfg: ModelConfig, k: TopK, kv_dtype: torch.dtype) -> str | None:
+    """Why a model of this config, top-K counts and KV cache type cannot use the persistent step, or None."""
+    if cfg.precision != "ternary":
+        return "the persistent step serves ternary models only (full-precision ones run the multi-kernel step)"
+    if isinstance(k.gate_up, tuple):
+        return "the persistent step needs one top-K count for gate and up"
+    max_d = max(cfg.hidden_size, cfg.q_size, cfg.intermediate_size)
+    why = ext().step_unsupported(dk.DTYPE_CODE[kv_dtype], cfg.head_dim, cfg.num_heads // cfg.num_kv_heads, max_d)
+    return None if why is None else f"the persistent step does not support this shape: {why}"
+
+
 def unsupported_reason(model: Any) -> str | None:
     """Why `model` (a GpuModel) cannot use the persistent step, or None."""
-    if model.weights.dense:
-        return "the persistent step serves ternary models only (full-precision ones run the multi-kernel step)"
-    if isinstance(model.topk.gate_up, tuple):
-        return "the persistent step needs one top-K count for gate and up"
-    cfg = model.cfg
-    if model.weights.head_q8 is None and model.head is None:
-        return "no LM head"
-    max_d = max(cfg.hidden_size, cfg.q_size, cfg.intermediate_size)
-    why = ext().step_unsupported(dk.DTYPE_CODE[model.kv_dtype], cfg.head_dim, cfg.num_heads // cfg.num_kv_heads, max_d)
+    why = unsupported_for(model.cfg, model.topk, model.kv_dtype)
     if why is not None:
-        return f"the persistent step does not support this shape: {why}"
+        return why
     for t in (model.k_cache, model.v_cache):
         if t.data_ptr() % 16 or (t[0].numel() * t.element_size()) % 16:
             return "the KV cache is not 16-byte aligned per layer"
