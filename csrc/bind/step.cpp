@@ -16,11 +16,6 @@ namespace py = pybind11;
 namespace qsparse {
 
 namespace {
-template <typename T>
-T* p(uintptr_t v) {
-  return reinterpret_cast<T*>(v);
-}
-
 py::bytes as_bytes(const step::StepOp& op) {
   return py::bytes(reinterpret_cast<const char*>(&op), sizeof(op));
 }
@@ -59,16 +54,16 @@ void register_step(py::module_& m) {
         op.ncb = ncb;
         op.prefetch = prefetch;
         op.eps = eps;
-        op.x = p<const float>(x);
-        op.norm_w = p<const float>(norm_w);
-        op.packed = p<const uint8_t>(packed);
-        op.colinfo = p<const int32_t>(colinfo);
-        op.scales = p<const float>(scales);
-        op.residual = p<const float>(residual);
-        op.out = p<float>(out);
-        op.acc = p<int32_t>(acc);
-        op.arrive = p<unsigned>(arrive);
-        op.raw = p<int32_t>(raw);
+        op.x = as_ptr<const float>(x);
+        op.norm_w = as_ptr<const float>(norm_w);
+        op.packed = as_ptr<const uint8_t>(packed);
+        op.colinfo = as_ptr<const int32_t>(colinfo);
+        op.scales = as_ptr<const float>(scales);
+        op.residual = as_ptr<const float>(residual);
+        op.out = as_ptr<float>(out);
+        op.acc = as_ptr<int32_t>(acc);
+        op.arrive = as_ptr<unsigned>(arrive);
+        op.raw = as_ptr<int32_t>(raw);
         return as_bytes(op);
       },
       "one projection op of the persistent decode step's schedule, as raw bytes");
@@ -83,8 +78,8 @@ void register_step(py::module_& m) {
         op.wait_target = wait_target;
         op.signal_idx = signal_idx;
         op.tile0 = tile0;
-        op.kc = p<void>(kc);
-        op.vc = p<void>(vc);
+        op.kc = as_ptr<void>(kc);
+        op.vc = as_ptr<void>(vc);
         return as_bytes(op);
       },
       "one attention op (a layer's RoPE + KV append + attention) of the schedule, as raw bytes");
@@ -115,14 +110,14 @@ void register_step(py::module_& m) {
         step::StepLaunch a;
         a.ops = p<const step::StepOp>(ops);
         a.nops = nops;
-        a.at = step::StepAttention{p<const float>(qkv), stride, nq, nkv, hd, max_len, max_splits, min_chunk,
-                                   p<const int32_t>(positions), p<const int32_t>(slots), p<const float>(cos_t),
-                                   p<const float>(sin_t), p<float>(out), p<float>(ws), p<int>(counters),
+        a.at = step::StepAttention{as_ptr<const float>(qkv), stride, nq, nkv, hd, max_len, max_splits, min_chunk,
+                                   as_ptr<const int32_t>(positions), as_ptr<const int32_t>(slots), as_ptr<const float>(cos_t),
+                                   as_ptr<const float>(sin_t), as_ptr<float>(out), as_ptr<float>(ws), as_ptr<int>(counters),
                                    1.0f / std::sqrt(static_cast<float>(hd))};
-        a.ready = p<unsigned>(ready);
+        a.ready = as_ptr<unsigned>(ready);
         a.nready = nready;
-        a.done = p<unsigned>(done);
-        a.prof = p<unsigned long long>(prof);
+        a.done = as_ptr<unsigned>(done);
+        a.prof = as_ptr<unsigned long long>(prof);
         a.grid = grid;
         a.max_d = max_d;
         step::launch(a, cache_dtype, as_stream(stream));

@@ -119,7 +119,7 @@ template <int KPT>
 __device__ __noinline__ void gemv_tile(const StepOp& op, int tile, unsigned* ready, unsigned char* smem,
                                        TileShared& ts) {
   constexpr int NW = kNT / 32;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31;
   const int cb = tile / op.R, r = tile % op.R;
   const int D = op.D, K = op.K, Kpad = (K + 3) & ~3;
   int* red = reinterpret_cast<int*>(smem);                                     // [NW][512]
@@ -160,46 +160,7 @@ __device__ __noinline__ void gemv_tile(const StepOp& op, int tile, unsigned* rea
       t1::select<kNT, KPT, kPrefetchNorm, true>(s, nw, v, ts.sel, xs, [](unsigned, unsigned) {});
 
   // ---- 2. Ballot compaction into shared memory, in index order (as gemv_t1_kernel).
-  const unsigned lt = (1u << lane) - 1u;
-  const int base = warp * 32 * KPT + lane;
-  int pos = 0, eq_before = 0, need = 0;
-  if (!sel.exact) {
-    int gt_before = 0;
-    t1::tie_quota<kNT, KPT>(v, sel, D, K, ts.sel, &gt_before, &eq_before, &need);
-    pos = gt_before + min(eq_before, need);
-  } else {
-    int gt = 0;
-#pragma unroll
-    for (int j = 0; j < KPT; ++j)
-      gt += __popc(__ballot_sync(0xffffffffu, base + 32 * j < D && t1::key_of(v[j]) >= sel.lo));
-    if (lane == 0) ts.sel.redi[0][warp] = gt;
-    __syncthreads();
-#pragma unroll
-    for (int w = 0; w < NW; ++w)
-      if (w < warp) pos += ts.sel.redi[0][w];
-  }
-#pragma unroll
-  for (int j = 0; j < KPT; ++j) {
-    const int i = base + 32 * j;
-    const bool valid = i < D;
-    const unsigned kj = t1::key_of(v[j]);
-    const bool g = valid && kj >= sel.lo, eqv = valid && kj == sel.tie;
-    const unsigned eb = __ballot_sync(0xffffffffu, eqv);
-    const bool take = g || (eqv && eq_before + __popc(eb & lt) < need);
-    const unsigned sb = __ballot_sync(0xffffffffu, take);
-    if (take) {
-      const int p = pos + __popc(sb & lt);
-      sidx[p] = static_cast<uint16_t>(i);
-      sq[p] = lin::quantize_one(v[j], sel.scale);
-    }
-    pos += __popc(sb);
-    eq_before += __popc(eb);
-  }
-  for (int i = K + tid; i < Kpad; i += kNT) {
-    sidx[i] = 0;
-    sq[i] = 0;
-  }
-  __syncthreads();
+  t1::compact<kNT, KPT>(v, sel, D, K, ts.sel, sidx, sq);
   stamp(ts, 1);
 
   // ---- 3. Split r of the selected rows, 128 bytes of each (this column block), split among the warps.
@@ -207,55 +168,12 @@ __device__ __noinline__ void gemv_tile(const StepOp& op, int tile, unsigned* rea
   const int per = (groups + op.R - 1) / op.R;
   const int g0 = r * per, g1 = min(groups, g0 + per);
   const int byte0 = byte_blk + lane * 4;
-  const bool col_ok = byte0 < op.RB;
-  const uint8_t* wb = op.packed + (col_ok ? byte0 : 0);
-  const ushort4* sidx4 = reinterpret_cast<const ushort4*>(sidx);
-  const int* sq4 = reinterpret_cast<const int*>(sq);
-  int acc[16];
-#pragma unroll
-  for (int c = 0; c < 16; ++c) acc[c] = 0;
-  int sumq = 0;
-  constexpr int kUnroll = 8;
-  for (int g = g0 + warp; g < g1; g += kUnroll * NW) {
-    unsigned w[kUnroll][4];
-    int q4[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int gg = g + u * NW;
-      q4[u] = 0;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) w[u][k] = 0u;
-      if (gg < g1) {
-        const ushort4 id = sidx4[gg];
-        q4[u] = sq4[gg];
-        if (col_ok) {
-          w[u][0] = lin::ld_stream_u32(wb + id.x * RB);
-          w[u][1] = lin::ld_stream_u32(wb + id.y * RB);
-          w[u][2] = lin::ld_stream_u32(wb + id.z * RB);
-          w[u][3] = lin::ld_stream_u32(wb + id.w * RB);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      sumq = __dp4a(q4[u], 0x01010101, sumq);
-      t1::accumulate4(acc, w[u][0], w[u][1], w[u][2], w[u][3], q4[u]);
-    }
-  }
+  int acc[16], sumq;
+  t1::gather_product<NW, 8>(op.packed, RB, byte0, byte0 < op.RB, sidx, sq, g0, g1, acc, sumq);
 
   // ---- 4. Column sums over the warps, then into acc in L2 (fire-and-forget reductions, exact in int32).
   stamp(ts, 2);  // this thread's share of the product is issued; the stores below wait for it
-  int4* mine = reinterpret_cast<int4*>(red + warp * kCols + lane * 16);
-#pragma unroll
-  for (int c4 = 0; c4 < 4; ++c4) {
-    int o[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int idx = 4 * c4 + c;
-      o[c] = (acc[idx] >> (2 * (idx & 3))) - sumq;  // exact: acc is a multiple of 4^(idx & 3)
-    }
-    mine[c4] = make_int4(o[0], o[1], o[2], o[3]);
-  }
+  t1::store_column_sums(acc, sumq, red);
   __syncthreads();
   const int ncols = min(kCols, op.RB * 4 - cb * kCols);
   for (int c = tid; c < ncols; c += kNT) {

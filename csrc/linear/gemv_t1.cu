@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
   constexpr int NW = NT / 32;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ t1::Shared sh;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int lane = threadIdx.x & 31;
   const int D = a.sel.D, K = a.sel.K, Kpad = (K + 3) & ~3;
   int* red = reinterpret_cast<int*>(smem);                                // [NW][512]
   uint16_t* sidx = reinterpret_cast<uint16_t*>(smem + NW * kColsPerCta * 4);  // [Kpad]
@@ -48,44 +48,7 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
   const t1::Selection sel = t1::select<NT, KPT, kPrefetchNorm>(a.sel, nw, v, sh, xs, [](unsigned, unsigned) {});
 
   // ---- 3. Ballot compaction into shared memory, in index order.
-  const unsigned lt = (1u << lane) - 1u;
-  const int base = warp * 32 * KPT + lane;
-  int pos = 0, eq_before = 0, need = 0;
-  if (!sel.exact) {
-    int gt_before = 0;
-    t1::tie_quota<NT, KPT>(v, sel, D, K, sh, &gt_before, &eq_before, &need);
-    pos = gt_before + min(eq_before, need);
-  } else {
-    // exact: per-warp counts of key >= lo give the offsets; no ties
-    int gt = 0;
-#pragma unroll
-    for (int j = 0; j < KPT; ++j)
-      gt += __popc(__ballot_sync(0xffffffffu, base + 32 * j < D && t1::key_of(v[j]) >= sel.lo));
-    if (lane == 0) sh.redi[0][warp] = gt;
-    __syncthreads();
-#pragma unroll
-    for (int w = 0; w < NW; ++w)
-      if (w < warp) pos += sh.redi[0][w];
-  }
-#pragma unroll
-  for (int j = 0; j < KPT; ++j) {
-    const int i = base + 32 * j;
-    const bool valid = i < D;
-    const unsigned kj = t1::key_of(v[j]);
-    const bool g = valid && kj >= sel.lo, eqv = valid && kj == sel.tie;
-    const unsigned eb = __ballot_sync(0xffffffffu, eqv);
-    const bool take = g || (eqv && eq_before + __popc(eb & lt) < need);
-    const unsigned sb = __ballot_sync(0xffffffffu, take);
-    if (take) {
-      const int p = pos + __popc(sb & lt);
-      sidx[p] = static_cast<uint16_t>(i);
-      sq[p] = lin::quantize_one(v[j], sel.scale);
-    }
-    pos += __popc(sb);
-    eq_before += __popc(eb);
-  }
-  for (int i = K + tid; i < Kpad; i += NT) { sidx[i] = 0; sq[i] = 0; }
-  __syncthreads();
+  t1::compact<NT, KPT>(v, sel, D, K, sh, sidx, sq);
   // The next kernel may launch only now, not at the start: its CTAs would sit resident on these SMs through
   // the selection above, which is issue-bound (block-wide counts, 8-16 warps), and slow it. Measured on the
   // H200: with the trigger first thing, the S = 0.6 decode step took 2.23 ms with PDL and 1.77 ms without.
@@ -96,42 +59,10 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
   const int per = (groups + a.R - 1) / a.R;
   const int g0 = blockIdx.y * per, g1 = min(groups, g0 + per);
   const int byte0 = blockIdx.x * (kColsPerCta / 4) + lane * 4;
-  const bool col_ok = byte0 < a.RB;
-  const uint8_t* wb = a.packed + (col_ok ? byte0 : 0);
-  const size_t RB = static_cast<size_t>(a.RB);
-  const ushort4* sidx4 = reinterpret_cast<const ushort4*>(sidx);
-  const int* sq4 = reinterpret_cast<const int*>(sq);
-  int acc[16];
-#pragma unroll
-  for (int c = 0; c < 16; ++c) acc[c] = 0;
-  int sumq = 0;
+  int acc[16], sumq;
   constexpr int kUnroll = NT <= 256 ? 8 : 4;  // groups of 4 rows in flight per thread
-  for (int g = g0 + warp; g < g1; g += kUnroll * NW) {
-    unsigned w[kUnroll][4];
-    int q4[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int gg = g + u * NW;
-      q4[u] = 0;
-#pragma unroll
-      for (int r = 0; r < 4; ++r) w[u][r] = 0u;
-      if (gg < g1) {
-        const ushort4 id = sidx4[gg];
-        q4[u] = sq4[gg];
-        if (col_ok) {
-          w[u][0] = lin::ld_stream_u32(wb + id.x * RB);
-          w[u][1] = lin::ld_stream_u32(wb + id.y * RB);
-          w[u][2] = lin::ld_stream_u32(wb + id.z * RB);
-          w[u][3] = lin::ld_stream_u32(wb + id.w * RB);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      sumq = __dp4a(q4[u], 0x01010101, sumq);
-      t1::accumulate4(acc, w[u][0], w[u][1], w[u][2], w[u][3], q4[u]);
-    }
-  }
+  t1::gather_product<NW, kUnroll>(a.packed, static_cast<size_t>(a.RB), byte0, byte0 < a.RB, sidx, sq, g0, g1, acc,
+                                  sumq);
 
   // ---- 5. Reduce over warps and the cluster, then the epilogue.
   t1::finish<NT>(a, acc, sumq, red, sh, e, sel.gamma);

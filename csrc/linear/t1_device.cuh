@@ -260,16 +260,103 @@ __device__ __forceinline__ void tie_quota(const float (&v)[KPT], const Selection
   *need = K - gt_total;  // ties to take, lowest indices first
 }
 
-// Reduce the per-thread column accumulators (acc: this lane's 16 columns) over the CTA's warps and the
-// cluster's CTAs, then the leader CTA runs the shared epilogue. `red` is NW x 512 ints of shared memory.
-// Each non-leader CTA pushes its column sums into the leader's accumulator with distributed-shared-memory
-// atomics (fire-and-forget, order-free in int32: exact), then one cluster barrier. No second barrier: nobody
-// reads another CTA's shared memory after it, and the leader (whose memory the others wrote) runs last.
-template <int NT>
-__device__ __forceinline__ void finish(const T1Args& a, const int (&acc)[16], int sumq, int* red, Shared& sh,
-                                       const EpilogueInputs<NT>& e, float gamma) {
+// The selected channels into (sidx, sq) in shared memory, in index order (ties to the lower index), then
+// padded with (0, 0) up to a multiple of 4 rows. Ends with a barrier: the list is complete for every thread.
+template <int NT, int KPT>
+__device__ __forceinline__ void compact(const float (&v)[KPT], const Selection& sel, int D, int K, Shared& sh,
+                                        uint16_t* sidx, int8_t* sq) {
   constexpr int NW = NT / 32;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned lt = (1u << lane) - 1u;
+  const int base = warp * 32 * KPT + lane;
+  int pos = 0, eq_before = 0, need = 0;
+  if (!sel.exact) {
+    int gt_before = 0;
+    tie_quota<NT, KPT>(v, sel, D, K, sh, &gt_before, &eq_before, &need);
+    pos = gt_before + min(eq_before, need);
+  } else {
+    // exact: per-warp counts of key >= lo give the offsets; no ties
+    int gt = 0;
+#pragma unroll
+    for (int j = 0; j < KPT; ++j)
+      gt += __popc(__ballot_sync(0xffffffffu, base + 32 * j < D && key_of(v[j]) >= sel.lo));
+    if (lane == 0) sh.redi[0][warp] = gt;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < NW; ++w)
+      if (w < warp) pos += sh.redi[0][w];
+  }
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) {
+    const int i = base + 32 * j;
+    const bool valid = i < D;
+    const unsigned kj = key_of(v[j]);
+    const bool g = valid && kj >= sel.lo, eqv = valid && kj == sel.tie;
+    const unsigned eb = __ballot_sync(0xffffffffu, eqv);
+    const bool take = g || (eqv && eq_before + __popc(eb & lt) < need);
+    const unsigned sb = __ballot_sync(0xffffffffu, take);
+    if (take) {
+      const int p = pos + __popc(sb & lt);
+      sidx[p] = static_cast<uint16_t>(i);
+      sq[p] = lin::quantize_one(v[j], sel.scale);
+    }
+    pos += __popc(sb);
+    eq_before += __popc(eb);
+  }
+  const int Kpad = (K + 3) & ~3;
+  for (int i = K + threadIdx.x; i < Kpad; i += NT) {
+    sidx[i] = 0;
+    sq[i] = 0;
+  }
+  __syncthreads();
+}
+
+// This lane's 16 columns of packed bytes [byte0, byte0 + 4) over the groups of 4 selected rows [g0, g1) that
+// warp `warp` of NW takes (g0 + warp, + NW, ...), kUnroll groups in flight per thread: acc and sumq for
+// finish / column_sums. col_ok false (the lane is past the row's bytes): the rows are not read.
+template <int NW, int kUnroll>
+__device__ __forceinline__ void gather_product(const uint8_t* packed, size_t RB, int byte0, bool col_ok,
+                                               const uint16_t* sidx, const int8_t* sq, int g0, int g1,
+                                               int (&acc)[16], int& sumq) {
+  const int warp = threadIdx.x >> 5;
+  const uint8_t* wb = packed + (col_ok ? byte0 : 0);
+  const ushort4* sidx4 = reinterpret_cast<const ushort4*>(sidx);
+  const int* sq4 = reinterpret_cast<const int*>(sq);
+#pragma unroll
+  for (int c = 0; c < 16; ++c) acc[c] = 0;
+  sumq = 0;
+  for (int g = g0 + warp; g < g1; g += kUnroll * NW) {
+    unsigned w[kUnroll][4];
+    int q4[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int gg = g + u * NW;
+      q4[u] = 0;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) w[u][r] = 0u;
+      if (gg < g1) {
+        const ushort4 id = sidx4[gg];
+        q4[u] = sq4[gg];
+        if (col_ok) {
+          w[u][0] = lin::ld_stream_u32(wb + id.x * RB);
+          w[u][1] = lin::ld_stream_u32(wb + id.y * RB);
+          w[u][2] = lin::ld_stream_u32(wb + id.z * RB);
+          w[u][3] = lin::ld_stream_u32(wb + id.w * RB);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      sumq = __dp4a(q4[u], 0x01010101, sumq);
+      accumulate4(acc, w[u][0], w[u][1], w[u][2], w[u][3], q4[u]);
+    }
+  }
+}
+
+// This lane's exact column sums (sum(t * q): acc shifted back, minus sum(q)) into its warp's row of `red`
+// ([NW][512] ints of shared memory); the caller then sums the rows over the warps.
+__device__ __forceinline__ void store_column_sums(const int (&acc)[16], int sumq, int* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int4* mine = reinterpret_cast<int4*>(red + warp * kColsPerCta + lane * 16);
 #pragma unroll
   for (int c4 = 0; c4 < 4; ++c4) {
@@ -281,6 +368,19 @@ __device__ __forceinline__ void finish(const T1Args& a, const int (&acc)[16], in
     }
     mine[c4] = make_int4(o[0], o[1], o[2], o[3]);
   }
+}
+
+// Reduce the per-thread column accumulators (acc: this lane's 16 columns) over the CTA's warps and the
+// cluster's CTAs, then the leader CTA runs the shared epilogue. `red` is NW x 512 ints of shared memory.
+// Each non-leader CTA pushes its column sums into the leader's accumulator with distributed-shared-memory
+// atomics (fire-and-forget, order-free in int32: exact), then one cluster barrier. No second barrier: nobody
+// reads another CTA's shared memory after it, and the leader (whose memory the others wrote) runs last.
+template <int NT>
+__device__ __forceinline__ void finish(const T1Args& a, const int (&acc)[16], int sumq, int* red, Shared& sh,
+                                       const EpilogueInputs<NT>& e, float gamma) {
+  constexpr int NW = NT / 32;
+  const int tid = threadIdx.x;
+  store_column_sums(acc, sumq, red);
   __syncthreads();
   int* sums = red;  // where the leader reads the complete column sums
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
