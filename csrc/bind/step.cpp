@@ -108,7 +108,7 @@ void register_step(py::module_& m) {
         if (!qkv || !positions || !slots || !cos_t || !sin_t || !out || !ws || !counters)
           throw std::invalid_argument("decode_step: null device pointer");
         step::StepLaunch a;
-        a.ops = p<const step::StepOp>(ops);
+        a.ops = as_ptr<const step::StepOp>(ops);
         a.nops = nops;
         a.at = step::StepAttention{as_ptr<const float>(qkv), stride, nq, nkv, hd, max_len, max_splits, min_chunk,
                                    as_ptr<const int32_t>(positions), as_ptr<const int32_t>(slots), as_ptr<const float>(cos_t),
