@@ -23,7 +23,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=tuple(SHAPES), default="2b4t")
     ap.add_argument("--sparsity", default="0,0.6")
-    ap.add_argument("--prefetch", default="on", help="on, off or on,off")
+    ap.add_argument("--prefetch", default="off", help="on, off or on,off (off: the default of PersistentStep)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -34,7 +34,7 @@ def main() -> int:
     res = {"card": name, "model": args.shape, "streaming_gbps": gbps, "runs": {}}
     for s in [float(x) for x in args.sparsity.split(",")]:
         for pf in args.prefetch.split(","):
-            key = f"S={s:g}" + ("" if pf == "on" else " no-prefetch")
+            key = f"S={s:g}" + (" prefetch" if pf == "on" else "")
             r = profile_persistent(ef, SparsityConfig.uniform(s), prompt, gbps, torch.bfloat16, prefetch=pf == "on")
             res["runs"][key] = r
             print(f"{key}: layers {r['layers_us_median']:.1f} us; " + ", ".join(

@@ -55,7 +55,7 @@ for what in "$@"; do
       echo "persistent memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/persistent-sanitizer.log" | tail -3 ;;&
     persistent|persistent-profile)
       for shape in ${PROFILE_SHAPES:-2b4t 8b}; do
-        timeout 200 python3 "$SRC/bench/persistent_profile.py" --shape $shape --sparsity ${PROFILE_SPARSITY:-0,0.6} --prefetch ${PROFILE_PREFETCH:-on} --out "$OUT" 2>&1 \
+        timeout 200 python3 "$SRC/bench/persistent_profile.py" --shape $shape --sparsity ${PROFILE_SPARSITY:-0,0.6} --prefetch ${PROFILE_PREFETCH:-off} --out "$OUT" 2>&1 \
           | tee "$OUT/persistent-profile-$shape.log" | tail -22
       done ;;
     persistent-tests|persistent-sanitizer|persistent-profile) ;;

@@ -157,7 +157,7 @@ __device__ __noinline__ void gemv_tile(const StepOp& op, int tile, unsigned* rea
 
   // ---- 1. x (+ RMSNorm), gamma and the selection rule: the one-token GEMV's code, hence its bits.
   const t1::Selection sel =
-      t1::select<kNT, KPT, kPrefetchNorm, true>(s, nw, v, ts.sel, xs, [](unsigned, unsigned) {});
+      t1::select<kNT, KPT, kPrefetchNorm, true>(s, nw, v, ts.sel, xs, red, [](unsigned, unsigned) {});
 
   // ---- 2. Ballot compaction into shared memory, in index order (as gemv_t1_kernel).
   t1::compact<kNT, KPT>(v, sel, D, K, ts.sel, sidx, sq);

@@ -5,9 +5,10 @@
 //
 // Per CTA (NT threads, a 512-column block of one segment, a 1/splits share of the selected rows):
 //  1. Selection fused into every CTA, as in the ternary one-token kernel and with its code (linear/t1_device.cuh):
-//     x (+ RMSNorm, the canonical order of lin::load_row) into registers, the exact top-K of |x'| by bisection
-//     on the fp32 bits (ties: the lower index), a ballot compaction of the kept (channel, value) pairs into
-//     shared memory in ascending channel order. Every CTA computes the same list from the same x.
+//     x (+ RMSNorm, the canonical order of lin::load_row) into registers, the exact top-K of |x'| on the
+//     fp32 bits (bisection, or a radix select in the wide variants; ties: the lower index), a ballot
+//     compaction of the kept (channel, value) pairs into shared memory in ascending channel order. Every CTA
+//     computes the same list from the same x.
 //  2. With the L2 re-scale: f = sqrt(sum x'^2) / sqrt(sum kept x'^2), each sum formed per thread over its
 //     KPT values in order, then lin::block_reduce_sum (warp xor butterfly, then across warps).
 //  3. Product. Warps form 2 column groups of 256 columns (a lane owns 8 consecutive columns: one 16-byte load
@@ -33,6 +34,7 @@ namespace {
 constexpr int kColsPerWarp = 256;  // 32 lanes x 8 bf16
 constexpr int kColGroups = 2;
 constexpr int kColsPerBlock = kColsPerWarp * kColGroups;
+constexpr int kSplitChunk = 16;  // split partials per column loaded together by the last CTA
 
 struct SmemLayout {
   size_t red, vals, idx, xs, total;
@@ -65,8 +67,8 @@ template <int NT, int KPT>
 __global__ void __launch_bounds__(NT) dense_gemv_kernel(DenseGemvArgs a, int vec) {
   constexpr int NW = NT / 32;
   constexpr int RW = NW / kColGroups;
-  constexpr int U = NT <= 256 ? 8 : 2;  // rows in flight per thread
-  constexpr bool kPrefetchNorm = NT <= 512;
+  constexpr int U = NT <= 512 ? 8 : 4;  // rows in flight per thread (64 KB per SM at 2 x 256 or 1 x 512)
+  constexpr bool kPrefetchNorm = NT <= 256 || KPT <= 16;  // registers: 128 a thread at 512, 64 at 1024
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ t1::Shared sh;
   __shared__ int last_flag;
@@ -86,7 +88,8 @@ __global__ void __launch_bounds__(NT) dense_gemv_kernel(DenseGemvArgs a, int vec
   // ---- 1. selection (t1::select reads a.sel.K: this segment's K)
   SelectArgs s = a.sel;
   s.K = K;
-  const t1::Selection sel = t1::select<NT, KPT, kPrefetchNorm>(s, nw, v, sh, xs, [](unsigned, unsigned) {});
+  const t1::Selection sel = t1::select<NT, KPT, kPrefetchNorm>(s, nw, v, sh, xs, reinterpret_cast<int*>(red),
+                                                             [](unsigned, unsigned) {});
   const unsigned lt = (1u << lane) - 1u;
   const int base = warp * 32 * KPT + lane;
   int pos = 0, eq_before = 0, need = 0;
@@ -202,16 +205,40 @@ __global__ void __launch_bounds__(NT) dense_gemv_kernel(DenseGemvArgs a, int vec
   __syncthreads();
   if (!last_flag) return;
   __threadfence();
-  for (int c = tid; c < kColsPerBlock; c += NT) {
-    const int n = blockIdx.x * kColsPerBlock + c;
-    if (n >= a.N) continue;
-    float s0 = __ldcg(a.ws + n);
-    for (int y = 1; y < a.splits; ++y) s0 = __fadd_rn(s0, __ldcg(a.ws + static_cast<size_t>(y) * ncols + n));
+  // The splits of each column in the fixed order y = 0, 1, ..., but with a chunk of kSplitChunk loads per
+  // column (and per segment) in flight: a loop of dependent L2 loads cost one round trip per split (~0.6 us
+  // x up to 64 splits), more than the rows themselves at 8B shapes (bench/NOTES-dense.md).
+  constexpr int CPT = (kColsPerBlock + NT - 1) / NT;
+  const int nseg_sum = a.epi == kDenseEpiSiluGlu ? 2 : 1;
+  float sum[2][CPT] = {};
+  for (int y0 = 0; y0 < a.splits; y0 += kSplitChunk) {
+    float t[2][CPT][kSplitChunk];
+#pragma unroll
+    for (int g = 0; g < 2; ++g)
+#pragma unroll
+      for (int u = 0; u < CPT; ++u) {
+        const int n = blockIdx.x * kColsPerBlock + tid + u * NT;
+        const bool ok = g < nseg_sum && tid + u * NT < kColsPerBlock && n < a.N;
+        const float* col = a.ws + static_cast<size_t>(g) * a.splits * ncols + n;
+#pragma unroll
+        for (int q = 0; q < kSplitChunk; ++q)
+          t[g][u][q] = ok && y0 + q < a.splits ? __ldcg(col + static_cast<size_t>(y0 + q) * ncols) : 0.f;
+      }
+#pragma unroll
+    for (int g = 0; g < 2; ++g)
+#pragma unroll
+      for (int u = 0; u < CPT; ++u)
+#pragma unroll
+        for (int q = 0; q < kSplitChunk; ++q)
+          if (y0 + q < a.splits) sum[g][u] = y0 + q == 0 ? t[g][u][q] : __fadd_rn(sum[g][u], t[g][u][q]);
+  }
+#pragma unroll
+  for (int u = 0; u < CPT; ++u) {
+    const int c = tid + u * NT, n = blockIdx.x * kColsPerBlock + c;
+    if (c >= kColsPerBlock || n >= a.N) continue;
+    const float s0 = sum[0][u];
     if (a.epi == kDenseEpiSiluGlu) {
-      const float* ws1 = a.ws + static_cast<size_t>(a.splits) * ncols;
-      float s1 = __ldcg(ws1 + n);
-      for (int y = 1; y < a.splits; ++y) s1 = __fadd_rn(s1, __ldcg(ws1 + static_cast<size_t>(y) * ncols + n));
-      a.out[n] = __fmul_rn(__fdiv_rn(s0, __fadd_rn(1.f, expf(-s0))), s1);
+      a.out[n] = __fmul_rn(__fdiv_rn(s0, __fadd_rn(1.f, expf(-s0))), sum[1][u]);
     } else if (a.epi == kDenseEpiResidual) {
       a.out[n] = __fadd_rn(a.residual[n], s0);
     } else {
@@ -246,7 +273,8 @@ void launch(const DenseGemvArgs& a, cudaStream_t stream) {
   QS_LAUNCH_CHECK("dense_gemv_kernel");
 }
 
-int threads_for(int D) { return D <= 8192 ? 256 : 1024; }
+// 512 threads to D = 16384 (8B's down: 28 of 32 values a thread used, no spills at 128 registers), 1024 above.
+int threads_for(int D) { return D <= 8192 ? 256 : D <= 16384 ? 512 : 1024; }
 
 }  // namespace
 
@@ -270,6 +298,8 @@ void launch_dense_gemv(const DenseGemvArgs& a, cudaStream_t stream) {
   if (D <= 2048) launch<256, 8>(a, stream);
   else if (D <= 4096) launch<256, 16>(a, stream);
   else if (D <= 8192) launch<256, 32>(a, stream);
+  else if (D <= 16384) launch<512, 32>(a, stream);
+  else if (D <= 28672) launch<1024, 28>(a, stream);  // 70B's down: fewer dead values, fewer spills
   else launch<1024, 32>(a, stream);
 }
 

@@ -4,8 +4,9 @@
 // Variant 1 spends 15-25 us per call at BitNet-2B4T shapes on fixed costs (bench/NOTES-kernels.md, run 3):
 // a 4-pass shared-memory radix select, 64 accumulators per thread with expensive reductions, 8 warps
 // per SM, and split-K through global atomics. This variant is built for latency instead:
-//  - Selection from registers by bisection with an early exit (linear_t1_device.cuh). A ballot scan then
-//    writes the selected (index, int8) list to shared memory in index order; ties go to the lower index.
+//  - Exact selection from registers (t1_device.cuh: bisection with an early exit; a radix select in the
+//    variants that hold >= 8192 channels). A ballot scan then writes the selected (index, int8) list to
+//    shared memory in index order; ties go to the lower index.
 //  - Product: a CTA owns 512 packed columns (one 4-byte word of every row per lane: a warp reads 128
 //    contiguous bytes of a row) and a 1/R share of the selected rows, split among its warps; 16
 //    accumulators per thread, dp4a over byte-transposed groups of 4 rows (t1::accumulate4).
@@ -45,7 +46,7 @@ __global__ void __launch_bounds__(NT) gemv_t1_kernel(T1Args a) {
   e.load_residual(a);
 
   // ---- 1-2. x (+ RMSNorm) into registers, gamma, and the selection rule.
-  const t1::Selection sel = t1::select<NT, KPT, kPrefetchNorm>(a.sel, nw, v, sh, xs, [](unsigned, unsigned) {});
+  const t1::Selection sel = t1::select<NT, KPT, kPrefetchNorm>(a.sel, nw, v, sh, xs, red, [](unsigned, unsigned) {});
 
   // ---- 3. Ballot compaction into shared memory, in index order.
   t1::compact<NT, KPT>(v, sel, D, K, sh, sidx, sq);

@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(NT) gemv_t1p_kernel(T1Args a) {
   // ---- 1-2. Selection; the rows of the superset {key >= vk} are copied once it is close to K.
   bool copied = dense;
   const unsigned slack = static_cast<unsigned>(K / 4 + 16);
-  const t1::Selection sel = t1::select<NT, KPT, kPrefetchNorm>(a.sel, nw, v, sh, xs, [&](unsigned vk, unsigned n) {
+  const t1::Selection sel = t1::select<NT, KPT, kPrefetchNorm>(a.sel, nw, v, sh, xs, red,
+                                                               [&](unsigned vk, unsigned n) {
     if (!copied && n <= static_cast<unsigned>(K) + slack) {  // block-uniform
       copy_rows_above<KPT>(a, tile, r0, r1, v, vk);
       copied = true;

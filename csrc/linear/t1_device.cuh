@@ -3,12 +3,19 @@
 // epilogue through a thread-block cluster. Included by those two files only.
 //
 // Selection (exact, ties to the lower index): a thread holds KPT values of x (+ RMSNorm); value j of thread
-// (warp, lane) is channel warp*32*KPT + 32j + lane. The K-th largest key (|x| as fp32 bits) is found by
-// bisection, 2 bits a step, each step one block-wide count of three candidate thresholds packed into two
-// words. It stops as soon as a candidate has exactly K keys at or above it: the top-K is then every key >= it,
-// with no tie to resolve (near the K-th value neighbouring keys differ by ~1e-3 relative, so that happens ~10
-// key bits down instead of after all 31). The result is a rule: selected iff key >= lo, or key == tie among
-// the first (K - count(key >= lo)) such channels by index.
+// (warp, lane) is channel warp*32*KPT + 32j + lane. The K-th largest key (|x| as fp32 bits, < 2^31) is found in
+// one of two ways, chosen per compiled variant by how many channels it holds (both exact: the same set):
+//  - bisection (NT x KPT < kRadixMinKeys), 2 bits a step, each step one block-wide count of three candidate
+//    thresholds packed into two words, stopping as soon as a candidate has exactly K keys at or above it (near
+//    the K-th value neighbouring keys differ by ~1e-3 relative, so ~10 key bits down): ~8-12 barriers, every
+//    key touched 3 times a step, so issue-bound when a thread holds many keys;
+//  - radix select (the wide variants): at most 3 passes over key bits [30:20], [19:9], [8:0], each a
+//    shared-memory histogram of the keys still in play, a block scan of its bins from the top and a broadcast
+//    of the bin that holds the K-th key, ending once that bin is taken whole (pass 2 for continuous inputs).
+//  Measured (bench/NOTES-persistent.md change 4, NOTES-dense.md): the radix select is 0.8-1.5 us slower at
+//  D <= 6912 (its passes' barriers and colliding atomics) and faster from D = 8192 on, hence the split.
+// The result is a rule: selected iff key >= lo, or key == tie among the first (K - count(key >= lo)) such
+// channels by index.
 #pragma once
 #include <cooperative_groups.h>
 
@@ -53,17 +60,6 @@ __device__ __forceinline__ uint2 block_sum2(unsigned a, unsigned b, uint2* red, 
   return s;
 }
 
-template <int NT>
-__device__ __forceinline__ float block_max(float v, float* red) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float m = red[0];
-#pragma unroll
-  for (int w = 1; w < NT / 32; ++w) m = fmaxf(m, red[w]);
-  return m;
-}
-
 // acc[4b + j] += code(row r, column 4b + j of this lane's word) * q_r over the 4 rows r. Codes are t+1: per
 // group of 4 rows the words are byte-transposed (__byte_perm) so one word holds one byte of 4 rows, then
 // column j of the byte is (word & 0x03030303 << 2j) = code * 4^j, dotted with the 4 int8 q by dp4a.u32.s32;
@@ -80,8 +76,10 @@ __device__ __forceinline__ void accumulate4(int (&acc)[16], unsigned w0, unsigne
 
 // Shared memory of the selection and the reduction (static; the kernels add their own dynamic part).
 struct Shared {
-  uint2 cnt[64];
+  uint2 cnt[64];  // the bisection's counts (double-buffered)
   float redf[32];
+  int scan[32];   // the radix passes' warp totals
+  int found[3];   // the radix pass's bin, keys above it, keys in it
   int redi[2][32];
   float scales[4];
   int cred[kColsPerCta];  // the cluster's column sums (used in its first CTA)
@@ -142,21 +140,82 @@ struct Selection {
   bool exact;  // no tie to resolve: exactly K keys are >= lo
 };
 
+__device__ __forceinline__ unsigned key_of(float v) { return __float_as_uint(fabsf(v)); }
+
+constexpr int kRadixBins = 2048;  // the radix select's histogram: 8 KB of shared memory, free while it runs
+constexpr int kRadixMinKeys = 8192;  // variants that hold at least this many channels select by radix
+
+// One radix pass: the keys whose bits above `shift + width` equal `prefix` are histogrammed by their `width`
+// bits at `shift` (hist holds zeros on entry and again on exit: each thread reads and clears its own bins),
+// then the bin holding the rank-th largest of them (rank >= 1) is found by a block scan from the top bin down.
+// Returns (bin, number of those keys in higher bins, number in the bin), the same in every thread. Barriers: 3.
+template <int NT, int KPT>
+__device__ __forceinline__ int3 radix_pass(const float (&v)[KPT], int D, unsigned prefix, int shift, int width,
+                                           unsigned rank, int* hist, Shared& sh, bool skip_histogram) {
+  constexpr int BPT = kRadixBins / NT;  // bins per thread, highest first
+  static_assert(BPT >= 1 && kRadixBins % NT == 0, "the bins must split evenly over the threads");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int base = warp * 32 * KPT + lane;
+  const unsigned mask = (1u << width) - 1u;
+  if (!skip_histogram) {  // pass 1 histograms its keys together with the block max (select)
+#pragma unroll
+    for (int j = 0; j < KPT; ++j) {
+      const unsigned k = key_of(v[j]);
+      if (base + 32 * j < D && (k >> (shift + width)) == prefix) atomicAdd(hist + ((k >> shift) & mask), 1);
+    }
+    __syncthreads();
+  }
+  const int top = static_cast<int>(mask);  // bins above it (width < 11) stay empty
+  const int bin0 = kRadixBins - 1 - threadIdx.x * BPT;  // this thread's bins: bin0, bin0 - 1, ...
+  int local = 0;
+#pragma unroll
+  for (int b = 0; b < BPT; ++b)
+    if (bin0 - b <= top) local += hist[bin0 - b];
+  int inc = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += n;
+  }
+  if (lane == 31) sh.scan[warp] = inc;
+  __syncthreads();
+  int above = inc - local;
+  for (int w = 0; w < warp; ++w) above += sh.scan[w];
+#pragma unroll
+  for (int b = 0; b < BPT; ++b) {
+    const int bin = bin0 - b;
+    if (bin > top) continue;
+    const int c = hist[bin];  // read again rather than held: registers are short in the 64-register variants
+    hist[bin] = 0;            // this thread alone reads this bin: clear it for the next pass
+    if (static_cast<unsigned>(above) < rank && static_cast<unsigned>(above + c) >= rank)
+      sh.found[0] = bin, sh.found[1] = above, sh.found[2] = c;
+    above += c;
+  }
+  __syncthreads();
+  return make_int3(sh.found[0], sh.found[1], sh.found[2]);
+}
+
 // x (+ RMSNorm) into v[], gamma and the quantization scale, then the selection rule. Call after pdl::wait.
-// on_step(vk, n) runs after every bisection step, block-uniformly, with the current lower bound vk and
-// n = count(key >= vk) (>= K): the final selection is a subset of {key >= vk}.
+// on_step(vk, n) runs after every bisection step or radix pass that does not end the selection, block-uniformly,
+// with a lower bound vk and n = count(key >= vk) (>= K): the final selection is a subset of {key >= vk}.
 // xs: D floats of shared memory, used for the norm's sum of squares: it is formed in exactly the order of
 // lin::load_row (256 strided partials, then lin::block_reduce_sum), so every kernel that fuses the norm
 // (this one, variant 1, the select kernel in front of the GEMM) normalizes bit-identically, and a row's
 // result does not depend on which of them served it (batched decode relies on that).
+// hist: kRadixBins ints of shared memory that nothing else uses until select returns (callers pass the
+// product's reduction buffer); it is left zeroed.
 // kCoherentX: x is fp32 written by other SMs earlier in the same launch (the persistent decode step), so it
 // is read through L2 (__ldcg), never from this SM's possibly stale L1.
 template <int NT, int KPT, bool kPrefetchedNorm, bool kCoherentX = false, typename OnStep>
 __device__ __forceinline__ Selection select(const SelectArgs& s, const float (&nw)[kPrefetchedNorm ? KPT : 1],
-                                            float (&v)[KPT], Shared& sh, float* xs, OnStep on_step) {
+                                            float (&v)[KPT], Shared& sh, float* xs, int* hist, OnStep on_step) {
   static_assert(NT >= 256, "the canonical sum of squares uses 256 partial sums");
   const int D = s.D, K = s.K;
+  const bool sparse = K < D;
+  constexpr bool kRadix = NT * KPT >= kRadixMinKeys;
   const int base = (threadIdx.x >> 5) * 32 * KPT + (threadIdx.x & 31);
+  if (kRadix && sparse)
+    for (int b = threadIdx.x; b < kRadixBins; b += NT) hist[b] = 0;  // visible after the barriers below
 #pragma unroll
   for (int j = 0; j < KPT; ++j) {
     const int i = base + 32 * j;
@@ -183,19 +242,51 @@ __device__ __forceinline__ Selection select(const SelectArgs& s, const float (&n
       v[j] = __fmul_rn(__fmul_rn(v[j], inv), w);
     }
     __syncthreads();  // redf is reused below
+  } else if (kRadix && sparse) {
+    __syncthreads();  // the histogram's zeros
   }
+  // The block max and the radix select's first histogram share one barrier.
   float m = 0.f;
 #pragma unroll
   for (int j = 0; j < KPT; ++j) m = fmaxf(m, fabsf(v[j]));
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if ((threadIdx.x & 31) == 0) sh.redf[threadIdx.x >> 5] = m;
+  if (kRadix && sparse) {
+#pragma unroll
+    for (int j = 0; j < KPT; ++j)
+      if (base + 32 * j < D) atomicAdd(hist + (key_of(v[j]) >> 20), 1);
+  }
+  __syncthreads();
+  float g = sh.redf[0];
+#pragma unroll
+  for (int w = 1; w < NT / 32; ++w) g = fmaxf(g, sh.redf[w]);
   Selection r;
-  r.gamma = fmaxf(block_max<NT>(m, sh.redf), lin::kAbsmaxEps);
+  r.gamma = fmaxf(g, lin::kAbsmaxEps);
   r.scale = __fmul_rn(__frcp_rn(r.gamma), 127.f);  // = torch's 127.0 / gamma (see linear_device.cuh)
 
-  // Bisection. Invariant: count(key >= vk) >= K. Padding is 0 and never counted (candidates are >= 1).
-  auto key = [&](int j) { return __float_as_uint(fabsf(v[j])); };
+  // Radix passes (the wide variants) over key bits [30:20], [19:9], [8:0]. vk: the lower edge of the bin that
+  // holds the K-th key; rank: its rank among the keys of that bin's prefix; exact: that bin is taken whole.
   unsigned vk = 0u;
   bool exact = false;
-  if (K < D) {
+  if (kRadix && sparse) {
+    unsigned rank = static_cast<unsigned>(K), prefix = 0u;
+#pragma unroll 1
+    for (int p = 0; p < 3; ++p) {
+      const int shift = p == 0 ? 20 : p == 1 ? 9 : 0, width = p == 2 ? 9 : 11;
+      const int3 f = radix_pass<NT, KPT>(v, D, prefix, shift, width, rank, hist, sh, p == 0);
+      prefix = (prefix << width) | static_cast<unsigned>(f.x);
+      vk = prefix << shift;
+      const unsigned n_at_or_above = static_cast<unsigned>(f.y + f.z);
+      if (n_at_or_above == rank) { exact = true; break; }  // block-uniform: every thread holds the same f
+      rank -= static_cast<unsigned>(f.y);
+      if (p < 2) on_step(vk, static_cast<unsigned>(K) - rank + static_cast<unsigned>(f.z));
+    }
+    // Not exact after the last pass: vk is the K-th key itself, shared by more keys than the rank needs.
+  }
+  // Bisection (the narrow variants). Invariant: count(key >= vk) >= K. Padding is 0 and never counted
+  // (candidates are >= 1).
+  auto key = [&](int j) { return __float_as_uint(fabsf(v[j])); };
+  if (!kRadix && sparse) {
     const int hb = 31 - __clz(__float_as_uint(r.gamma) | 1u);  // no key has a bit above gamma's top bit
     const unsigned uK = static_cast<unsigned>(K);
     int parity = 0;
@@ -229,8 +320,6 @@ __device__ __forceinline__ Selection select(const SelectArgs& s, const float (&n
   r.tie = exact ? kNoTie : vk;
   return r;
 }
-
-__device__ __forceinline__ unsigned key_of(float v) { return __float_as_uint(fabsf(v)); }
 
 // Per-warp counts (selected for sure, ties) -> this warp's tie offset and the tie quota. Not needed (and
 // skipped) when the selection is exact: then nothing is a tie.
@@ -269,6 +358,23 @@ __device__ __forceinline__ void compact(const float (&v)[KPT], const Selection& 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const unsigned lt = (1u << lane) - 1u;
   const int base = warp * 32 * KPT + lane;
+  const int Kpad = (K + 3) & ~3;
+  if (K >= D) {  // every channel: its position is its index (no ballots, no barrier before the stores)
+#pragma unroll
+    for (int j = 0; j < KPT; ++j) {
+      const int i = base + 32 * j;
+      if (i < D) {
+        sidx[i] = static_cast<uint16_t>(i);
+        sq[i] = lin::quantize_one(v[j], sel.scale);
+      }
+    }
+    for (int i = D + threadIdx.x; i < Kpad; i += NT) {
+      sidx[i] = 0;
+      sq[i] = 0;
+    }
+    __syncthreads();
+    return;
+  }
   int pos = 0, eq_before = 0, need = 0;
   if (!sel.exact) {
     int gt_before = 0;
@@ -303,7 +409,6 @@ __device__ __forceinline__ void compact(const float (&v)[KPT], const Selection& 
     pos += __popc(sb);
     eq_before += __popc(eb);
   }
-  const int Kpad = (K + 3) & ~3;
   for (int i = K + threadIdx.x; i < Kpad; i += NT) {
     sidx[i] = 0;
     sq[i] = 0;

@@ -5,8 +5,8 @@ use it.
 
 Per op (medians over layers): "critical" = its end minus the previous op's end, i.e. its share of the step's
 chain; "span" = first tile start (before its wait) to last tile end; then the phases of each CTA's first tile
-(medians over CTAs): wait (for the input; the L2 prefetch of the rows is issued before it), select (x load,
-RMSNorm, absmax, top-K, compaction), product (row loads and dp4a issued), tail (column sums, L2 reductions,
+(medians over CTAs): wait (for the input; with prefetch on, the rows' L2 prefetch is issued before it),
+select (x load, RMSNorm, absmax, top-K, compaction), product (row loads and dp4a issued), tail (column sums, L2 reductions,
 arrival, and for the last tile of a column block the read-back, epilogue and signal); attention: wait, body.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def op_bytes(model: Any, layer: int, name: str) -> int:
 
 
 def profile_persistent(ef: Any, sparsity: Any, prompt: torch.Tensor, gbps: float, kv_dtype: torch.dtype,
-                       prefetch: bool = True, steps: int = 3) -> dict[str, Any]:
+                       prefetch: bool = False, steps: int = 3) -> dict[str, Any]:
     """Decode a few steps, then profile `steps` eager persistent steps; the last one's stamps are analysed,
     the layers' time of all of them is kept (medians)."""
     from ..generate.sampling import SamplingSettings
@@ -81,8 +81,8 @@ def profile_persistent(ef: Any, sparsity: Any, prompt: torch.Tensor, gbps: float
 
     m = GpuModel(ef, sparsity, max_len=prompt.numel() + 64, kv_dtype=kv_dtype, decode_kernel="persistent",
                  use_graph=False)
-    if not prefetch:
-        m.persistent = PersistentStep(m, prefetch=False)
+    if prefetch:
+        m.persistent = PersistentStep(m, prefetch=True)
     m.prefill(prompt, SamplingSettings(temperature=0.0))
     for _ in range(4):
         m.step()

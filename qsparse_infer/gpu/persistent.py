@@ -66,10 +66,11 @@ class _OpInfo:
 class PersistentStep:
     """The layers of `model`'s decode step (GpuModel: its h, qkv, attn, mlp buffers, caches and position) as
     one launch. run() goes between the embedding and the LM head. prefetch: L2 prefetch of each tile's
-    possible weight rows before its wait (False: rows are read only after the selection). raw: keep every
+    possible weight rows before its wait (False, the default: rows are read only after the selection, which
+    measured 4-26% faster at 2B4T and 8B, bench/NOTES-persistent.md "Change 3"). raw: keep every
     projection's int32 column sums of the last step (raw_sums(), tests)."""
 
-    def __init__(self, model: Any, *, prefetch: bool = True, grid: int | None = None, raw: bool = False) -> None:
+    def __init__(self, model: Any, *, prefetch: bool = False, grid: int | None = None, raw: bool = False) -> None:
         why = unsupported_reason(model)
         if why is not None:
             raise ValueError(why)

@@ -167,7 +167,7 @@ def _buffer(device: torch.device, name: str, numel: int, dtype: torch.dtype) -> 
 
 def plan_splits(d: int, n: int, k: int, nseg: int, device: torch.device) -> int:
     """CTAs along the selected rows per 512-column block: about two CTAs per SM in all (one above D = 8192,
-    where the kernel runs 1024 threads), at least 32 rows per CTA."""
+    where the kernel runs 512 or 1024 threads), at least 32 rows per CTA."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _sm_count:
         _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count

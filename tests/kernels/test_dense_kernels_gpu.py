@@ -25,6 +25,11 @@ def make_x(d: int, kind: str, gen: torch.Generator) -> torch.Tensor:
         return (torch.randn(1, d, generator=gen) * (0.2 + torch.rand(d, generator=gen) * 3)).to(DEV)
     if kind == "ties":  # many equal |x|: the tie rule decides
         return (torch.randint(-4, 5, (1, d), generator=gen).float() * 0.75).to(DEV)
+    if kind == "low_bits":  # |x| in [1, 1 + 300 ulp): the radix selection's third pass decides, with repeats
+        bits = 0x3F800000 + torch.randint(0, 300, (1, d), generator=gen, dtype=torch.int32)
+        return (bits.view(torch.float32) * torch.where(torch.rand(1, d, generator=gen) < 0.5, -1.0, 1.0)).to(DEV)
+    if kind == "zeros":  # mostly +-0: the K-th key is zero
+        return (torch.randn(1, d, generator=gen) * (torch.rand(1, d, generator=gen) < 0.2)).to(DEV)
     raise AssertionError(kind)
 
 
@@ -85,7 +90,22 @@ def test_plain_matches_fp64(d, n, s, kind):
     check_close(out, ref, bound, k)
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("d,n", [(1000, 1001), (4096, 600), (6000, 520), (14336, 520), (20001, 520)])
+@pytest.mark.parametrize("s", [0.3, 0.5, 0.9])
+@pytest.mark.parametrize("kind", ["low_bits", "zeros"])
+def test_selection_corners_match_fp64(d, n, s, kind):
+    """Both selections: bisection (D <= 4096) and radix select (above: 256 x 32, 512 x 32, 1024 x 28 values)."""
+    gen = torch.Generator().manual_seed(d + n + int(100 * s) + len(kind))
+    x = make_x(d, kind, gen)
+    w = dn.DenseWeight(make_w(d, n, gen).to(DEV), (n,))
+    k = max(1, topk_count(d, s))
+    out = torch.full((1, n), float("nan"), device=DEV)
+    dn.dense_linear(x, w, k, out=out, _path="kernel")
+    ref, bound = ref_product(kept(x.cpu(), k, "none"), w.weight_t)
+    check_close(out, ref, bound, k)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 16, 17, 33, 64])  # the last CTA sums 16 splits per chunk
 def test_splits_agree_and_are_deterministic(splits):
     gen = torch.Generator().manual_seed(splits)
     d, n, k = 1500, 700, 600
@@ -165,9 +185,10 @@ def test_residual_alias_and_bf16_input():
     check_close(h, ref + h0.double().cpu(), bound, k)
 
 
-def test_large_d_uses_the_wide_variant():
+@pytest.mark.parametrize("d", [14336, 20001])  # 8B's down projection input (512 threads); 1024 threads above 16384
+def test_large_d_uses_the_wide_variant(d):
     gen = torch.Generator().manual_seed(9)
-    d, n = 14336, 520  # Llama-3-8B's down projection input (1024-thread variant), a narrow output
+    n = 520  # a narrow output
     x = make_x(d, "randn", gen)
     w = dn.DenseWeight(make_w(d, n, gen).to(DEV), (n,))
     for s in (0.0, 0.5):

@@ -418,6 +418,46 @@ def test_gemv_t1_selection_early_exit(d, k, r, variant):
         assert torch.equal(y.cpu(), ref_outputs(acc, gamma, betas, [515])), case
 
 
+def radix_edge_input(case: str, d: int, gen: torch.Generator) -> torch.Tensor:
+    """|x| patterns that drive the radix selection (t1_device.cuh: passes over key bits [30:20], [19:9],
+    [8:0]) into its corners."""
+    if case == "low_bits":  # every key in one pass-1 and one pass-2 bin: pass 3 decides, with repeats (ties)
+        bits = 0x3F800000 + torch.randint(0, 300, (1, d), generator=gen, dtype=torch.int32)
+        x = bits.view(torch.float32).clone()
+    elif case == "zeros":  # most keys exactly +-0: the K-th key is 0, ties among zeros by index
+        x = torch.randn(1, d, generator=gen) * (torch.rand(1, d, generator=gen) < 0.2)
+        x = torch.where(torch.rand(1, d, generator=gen) < 0.5, x, -x)  # -0.0 and +0.0 are the same key
+    elif case == "bin_edges":  # keys on the passes' bin edges (low 20 or 9 bits zero) and just below them
+        edge = torch.tensor([1.0, 1.125, 2.0, 3.0, 0.5]).view(torch.int32)
+        pick = edge[torch.randint(0, 5, (1, d), generator=gen)]
+        off = torch.randint(-1, 1, (1, d), generator=gen, dtype=torch.int32) * torch.tensor([1, 512, 1 << 20])[
+            torch.randint(0, 3, (1, d), generator=gen)].to(torch.int32)
+        x = (pick + off).view(torch.float32).clone()
+    else:
+        raise AssertionError(case)
+    return x * torch.where(torch.rand(1, d, generator=gen) < 0.5, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("case", ["low_bits", "zeros", "bin_edges"])
+@pytest.mark.parametrize("d,k", [(2560, 1024), (997, 3), (8000, 3200), (8000, 7999), (9000, 3600)])
+@pytest.mark.parametrize("variant", ["t1", "t1p"])
+def test_gemv_t1_selection_corners(case, d, k, variant):
+    """The one-token kernels' selection (bisection at D <= 7168, radix select above: 256 x 32 and 1024 x 32
+    values) where the radix needs its third pass, where the K-th key is zero, and where keys sit on bin edges:
+    the kept set and the int32 sums exact vs quant.py (ties to the lower index)."""
+    if variant == "t1p" and d > 8192:
+        pytest.skip("variant 3 serves D <= 8192")
+    gen = torch.Generator().manual_seed(d * 3 + k + len(case))
+    w, full, betas = build([515], "concat", d, gen)
+    x = radix_edge_input(case, d, gen).to(DEV)
+    r = 1 if d <= 1400 else 16
+    y, raw = run_linear(x, w, k, _variant=variant, _shape=(0, r))
+    q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
+    acc = quant.int_matmul(q, full)
+    assert torch.equal(logical_acc(raw, w), acc)
+    assert torch.equal(y.cpu(), ref_outputs(acc, gamma, betas, [515]))
+
+
 @pytest.mark.parametrize("pdl", [True, False])
 @pytest.mark.parametrize("variant", ["t1", "t1p"])
 @pytest.mark.parametrize("s", [0.0, 0.6])
