@@ -290,3 +290,16 @@ def hf_dense_logits(folder: Path, ids: list[int]) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+# Two small decoder shapes the GPU model tests and the persistent step's tests both run (config, sparsity).
+# BitNet-like: ReLU²-GLU, sub-norms, tied embeddings, GQA 4:1, sparse.
+GPU_BITNET = (ModelConfig(vocab_size=1000, hidden_size=256, intermediate_size=352, num_layers=3, num_heads=8,
+                          num_kv_heads=2, head_dim=32, max_seq_len=160, rope_theta=10000.0, activation="relu2",
+                          attn_sub_norm=True, ffn_sub_norm=True, tie_word_embeddings=True),
+              SparsityConfig(attn=0.5, o=0.4, mlp=0.6, down=0.3))
+# Llama-like: SiLU-GLU, no sub-norms, untied head, G = 2, dense.
+GPU_LLAMA = (ModelConfig(vocab_size=777, hidden_size=192, intermediate_size=272, num_layers=2, num_heads=6,
+                         num_kv_heads=3, head_dim=32, max_seq_len=128, rope_theta=500000.0, activation="silu",
+                         attn_sub_norm=False, ffn_sub_norm=False, tie_word_embeddings=False),
+             SparsityConfig())

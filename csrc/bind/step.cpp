@@ -19,6 +19,18 @@ namespace {
 py::bytes as_bytes(const step::StepOp& op) {
   return py::bytes(reinterpret_cast<const char*>(&op), sizeof(op));
 }
+
+// The fields every op kind has (its dependency and placement); the rest zeroed, so unused pointers are null.
+step::StepOp op_header(int kind, int wait_idx, unsigned wait_target, int signal_idx, int tile0) {
+  step::StepOp op;
+  std::memset(&op, 0, sizeof(op));
+  op.kind = kind;
+  op.wait_idx = wait_idx;
+  op.wait_target = wait_target;
+  op.signal_idx = signal_idx;
+  op.tile0 = tile0;
+  return op;
+}
 }  // namespace
 
 void register_step(py::module_& m) {
@@ -37,13 +49,7 @@ void register_step(py::module_& m) {
         if (!x || !packed || !colinfo || !scales || !out || !acc || !arrive || (epi == 1 && !residual))
           throw std::invalid_argument("step_pack_gemv: null device pointer");
         if (!std::isfinite(eps) || eps <= 0.f) throw std::invalid_argument("step_pack_gemv: eps must be > 0");
-        step::StepOp op;
-        std::memset(&op, 0, sizeof(op));
-        op.kind = step::kOpGemv;
-        op.wait_idx = wait_idx;
-        op.wait_target = wait_target;
-        op.signal_idx = signal_idx;
-        op.tile0 = tile0;
+        step::StepOp op = op_header(step::kOpGemv, wait_idx, wait_target, signal_idx, tile0);
         op.D = D;
         op.K = K;
         op.RB = RB;
@@ -71,13 +77,7 @@ void register_step(py::module_& m) {
       "step_pack_attention",
       [](int wait_idx, unsigned wait_target, int signal_idx, int tile0, uintptr_t kc, uintptr_t vc) {
         if (!kc || !vc) throw std::invalid_argument("step_pack_attention: null device pointer");
-        step::StepOp op;
-        std::memset(&op, 0, sizeof(op));
-        op.kind = step::kOpAttention;
-        op.wait_idx = wait_idx;
-        op.wait_target = wait_target;
-        op.signal_idx = signal_idx;
-        op.tile0 = tile0;
+        step::StepOp op = op_header(step::kOpAttention, wait_idx, wait_target, signal_idx, tile0);
         op.kc = as_ptr<void>(kc);
         op.vc = as_ptr<void>(vc);
         return as_bytes(op);

@@ -44,17 +44,9 @@ LOGITS_TOL = 1e-3
 STEP_TOL = 2e-2
 STEPS = 40
 
-CONFIGS = {
-    # BitNet-like: ReLU²-GLU, sub-norms, tied bf16 embeddings, GQA 4:1, sparse
-    "bitnet": (ModelConfig(vocab_size=1000, hidden_size=256, intermediate_size=352, num_layers=3, num_heads=8,
-                           num_kv_heads=2, head_dim=32, max_seq_len=160, rope_theta=10000.0, activation="relu2",
-                           attn_sub_norm=True, ffn_sub_norm=True, tie_word_embeddings=True),
-               SparsityConfig(attn=0.5, o=0.4, mlp=0.6, down=0.3), torch.bfloat16),
-    # Llama-like: SiLU-GLU, no sub-norms, untied fp32 head, dense
-    "llama": (ModelConfig(vocab_size=777, hidden_size=192, intermediate_size=272, num_layers=2, num_heads=6,
-                          num_kv_heads=3, head_dim=32, max_seq_len=128, rope_theta=500000.0, activation="silu",
-                          attn_sub_norm=False, ffn_sub_norm=False, tie_word_embeddings=False),
-              SparsityConfig(), torch.float32),
+CONFIGS = {  # (config, sparsity, the file's float dtype)
+    "bitnet": (*builders.GPU_BITNET, torch.bfloat16),  # tied bf16 embeddings
+    "llama": (*builders.GPU_LLAMA, torch.float32),  # untied fp32 head
 }
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import builders  # noqa: E402
 from conftest import requires_gpu  # noqa: E402
 
 from qsparse_infer.generate.sampling import SamplingSettings  # noqa: E402
@@ -31,23 +32,15 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 
 GREEDY = SamplingSettings(temperature=0.0)
 
-CONFIGS = {
-    # BitNet-like: ReLU²-GLU, sub-norms, GQA 4:1, sparse, bf16 cache
-    "bitnet": (ModelConfig(vocab_size=1000, hidden_size=256, intermediate_size=352, num_layers=3, num_heads=8,
-                           num_kv_heads=2, head_dim=32, max_seq_len=160, rope_theta=10000.0, activation="relu2",
-                           attn_sub_norm=True, ffn_sub_norm=True, tie_word_embeddings=True),
-               SparsityConfig(attn=0.5, o=0.4, mlp=0.6, down=0.3), torch.bfloat16),
-    # Llama-like: SiLU-GLU, no sub-norms, untied head, dense, fp32 cache, G = 2
-    "llama": (ModelConfig(vocab_size=777, hidden_size=192, intermediate_size=272, num_layers=2, num_heads=6,
-                          num_kv_heads=3, head_dim=32, max_seq_len=128, rope_theta=500000.0, activation="silu",
-                          attn_sub_norm=False, ffn_sub_norm=False, tie_word_embeddings=False),
-              SparsityConfig(), torch.float32),
+CONFIGS = {  # (config, sparsity, KV cache dtype)
+    "bitnet": (*builders.GPU_BITNET, torch.bfloat16),  # bf16 cache
+    "llama": (*builders.GPU_LLAMA, torch.float32),  # fp32 cache, G = 2
     # odd widths: D = 1100 (not a multiple of 512; ~1100/4 groups), ffn 1500, hd 40, MHA (G = 1), long context
     "odd": (ModelConfig(vocab_size=503, hidden_size=1100, intermediate_size=1500, num_layers=2, num_heads=5,
                         num_kv_heads=5, head_dim=40, max_seq_len=700, rope_theta=10000.0, activation="relu2",
                         attn_sub_norm=True, ffn_sub_norm=True, tie_word_embeddings=True),
             SparsityConfig(attn=0.7, o=0.55, mlp=0.45, down=0.65), torch.bfloat16),
-    # 8 query heads per kv head, hd 128, wide FFN (the largest KPT class: D = 7200 > 7168)
+    # 8 query heads per kv head, hd 128, wide FFN (the largest KPT class, D = 7200 > 7168: the radix select)
     "gqa8": (ModelConfig(vocab_size=300, hidden_size=1024, intermediate_size=7200, num_layers=2, num_heads=8,
                          num_kv_heads=1, head_dim=128, max_seq_len=300, rope_theta=10000.0, activation="silu",
                          attn_sub_norm=False, ffn_sub_norm=False, tie_word_embeddings=False),
