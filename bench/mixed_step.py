@@ -148,14 +148,14 @@ def host_profile(bn: Bench, chunk: int, top: int = 18) -> list[dict[str, Any]]:
 
 
 def gemm_variants(runner: GpuBatchRunner, reps: int) -> list[dict[str, Any]]:
-    """One layer's four projections at the mixed steps' row counts, through the skinny and the tiled GEMM."""
+    """One layer's four projections at the mixed steps' row counts, through each GEMM variant."""
     from qsparse_infer.kernels.linear import ternary_linear
 
     L, k = runner.weights.layers[0], runner.topk
     out = []
     for t in (80, 524):
         row: dict[str, Any] = {"T": t}
-        for v in ("skinny", "tiled"):
+        for v in ("skinny", "prefill", "tiled"):
             xs = {n: torch.randn(t, w.in_features, device="cuda") for n, w in
                   (("qkv", L.qkv), ("o", L.o), ("gate_up", L.gate_up), ("down", L.down))}
 
@@ -166,8 +166,8 @@ def gemm_variants(runner: GpuBatchRunner, reps: int) -> list[dict[str, Any]]:
                 ternary_linear(xs["down"], L.down, k.down, _variant=v)
             row[f"{v}_us"] = 1e6 * median_seconds(layer, reps, warmup=1)
         out.append(row)
-        print(f"  one layer's projections at T={t}: skinny GEMM {row['skinny_us']:.0f} us, tiled "
-              f"{row['tiled_us']:.0f} us", file=sys.stderr)
+        print(f"  one layer's projections at T={t}: skinny GEMM {row['skinny_us']:.0f} us, prefill "
+              f"{row['prefill_us']:.0f} us, tiled {row['tiled_us']:.0f} us", file=sys.stderr)
     return out
 
 

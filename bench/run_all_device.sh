@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call for everything: build, the whole test suite (CPU + GPU), and the chosen benchmarks.
 # Usage, from the repository root on the GPU machine:  bash bench/run_all_device.sh tests sweep diag kernels attention e2e profile fidelity
-#   (serving work: serving batched_linear batched_decode serve_bench attention_prefill mixed_step soak hostile http_overhead; lab: ncu ncu-src;
+#   (serving work: serving batched_linear batched_decode prefill_gemm serve_bench attention_prefill mixed_step soak hostile http_overhead; lab: ncu ncu-src;
 #   full precision, issue 18: dense = dense-tests dense-kernels dense-e2e, and dense-sanitizer)
-# Options through the environment: SERVE_PEER= (serve_bench without the torch peer), PYTEST_FILES (test files for `tests`, relative to tests/; default all),
+# Options through the environment: SKIP_BUILD=1 (reuse a warm machine's install), SERVE_PEER= (serve_bench without the torch peer), PYTEST_FILES (test files for `tests`, relative to tests/; default all),
 # PYTEST_K (a pytest -k filter), KERNELS_ONLY (shape filter for `kernels`), E2E_SPARSITY, E2E_SHAPE, E2E_ARGS (extra `qsparse bench`
 # arguments, e.g. --no-peer), BL_ARGS (bench/batched_linear.py), DECODE_ARGS (bench/batched_decode.py; default --torch), REPS, SWEEP_ARGS (e.g. --only 2b4t --variants t1p,t1). `e2e-nopdl` repeats e2e with programmatic dependent launch off.
 # Logs and results go to $OUT (the device tool brings them back).
@@ -16,9 +16,13 @@ trap 'tar czf "$FINAL_OUT/results.tgz" -C "$OUT" . && rm -rf "$OUT"' EXIT
 SRC=$(pwd)
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 t0=$(date +%s)
-CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=90 python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1 \
-  || { tail -50 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
+if [ -n "${SKIP_BUILD:-}" ] && (cd /tmp && python3 -c "import qsparse_infer._C" 2>/dev/null); then  # a warm machine's install
+  echo "build: skipped (SKIP_BUILD; the installed package is this machine's last build)"
+else
+  CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=90 python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1 \
+    || { tail -50 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - t0 )) s"
+fi
 cd /tmp  # import the installed package (with _C), not the source tree
 serve_deps() {  # the HTTP stack (fastapi, uvicorn, openai, prometheus-client) from the wheels carried in .whl/
   [ -n "${SERVE_DEPS_DONE:-}" ] && return
@@ -42,8 +46,8 @@ for what in "$@"; do
     sanitizer)
       timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \
         --rootdir "$SRC" -c "$SRC/pyproject.toml" "$SRC/tests/kernels/test_linear_kernels_gpu.py" "$SRC/tests/kernels/test_attention_gpu.py" \
-        "$SRC/tests/kernels/test_head_int8_gpu.py" "$SRC/tests/kernels/test_ceilings_gpu.py" "$SRC/tests/serving/test_serving_gpu.py" "$SRC/tests/kernels/test_decode_kernels_gpu.py" \
-        -k "(gemv_t1_exact and 0.6 and randn) or early_exit or dependent_chain or identical_across_paths or (norm_fused_linear and t1p) or graph_replay_new_lengths or single_sequence_cache or lm_head_int8_kernel or stream_read_sums or sample_batch or lm_head_rows or lm_head_mma_accuracy or (gemm_skinny_shapes and 33) or (fused_rope_bit_identical and 20-5-128) or greedy_vector_and_tail" \
+        "$SRC/tests/kernels/test_head_int8_gpu.py" "$SRC/tests/kernels/test_ceilings_gpu.py" "$SRC/tests/kernels/test_attention_prefill_gpu.py" "$SRC/tests/serving/test_serving_gpu.py" "$SRC/tests/kernels/test_decode_kernels_gpu.py" \
+        -k "(gemv_t1_exact and 0.6 and randn) or early_exit or dependent_chain or identical_across_paths or (norm_fused_linear and t1p) or graph_replay_new_lengths or single_sequence_cache or lm_head_int8_kernel or stream_read_sums or sample_batch or lm_head_rows or lm_head_mma_accuracy or (gemm_skinny_shapes and 33) or (gemm_prefill_shapes and 130) or (gemm_prefill_epilogues and relu2) or current_stream_handle or chunks_workspace_blocks or (fused_rope_bit_identical and 20-5-128) or greedy_vector_and_tail" \
         > "$OUT/sanitizer.log" 2>&1; echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -3 ;;
     persistent|persistent-tests)  # issue 16: the persistent decode step's GPU tests, memcheck on a small model, its profile
       timeout 300 python3 -m pytest -q -p no:cacheprovider --rootdir "$SRC" -c "$SRC/pyproject.toml" -rfEs \
@@ -122,6 +126,9 @@ for what in "$@"; do
     attention_prefill)  # issue 17: prefill attention variant 1 vs 2 at the serving runner's chunks (bench/attention_prefill.py)
       timeout 120 python3 "$SRC/bench/attention_prefill.py" --json "$OUT/attention-prefill-h200.json" 2>&1 \
         | tee "$OUT/attention-prefill.log" ;;
+    prefill_gemm)  # issue 17: the ternary GEMM variants at prefill widths beside cuBLAS int8 (bench/prefill_gemm.py, ~1 min)
+      timeout ${PREFILL_GEMM_TIMEOUT:-200} python3 "$SRC/bench/prefill_gemm.py" ${PREFILL_GEMM_ARGS:-} --json "$OUT/prefill-gemm-h200.json" 2>&1 \
+        | tee "$OUT/prefill-gemm.log" | grep -v "^wrote" | cut -c1-300 ;;
     mixed_step)  # issue 17: the runner's step time with prompt chunks beside decode rows, and a 4k prompt's chunks by start
       timeout ${MIXED_TIMEOUT:-240} python3 "$SRC/bench/mixed_step.py" --shape 2b4t --sparsity ${MIXED_SPARSITY:-0} --profile \
         ${MIXED_ARGS:-} --json "$OUT/mixed-step-h200.json" 2>&1 | tee "$OUT/mixed-step.log" | tail -45 ;;

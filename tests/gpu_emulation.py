@@ -120,6 +120,19 @@ def attention(qkv, nq, nkv, hd, k_cache, v_cache, start, out=None):
     return out
 
 
+def plan_chunks(chunks, nq, nkv, hd, max_len, device):
+    return [tuple(c) for c in chunks]
+
+
+def attention_chunks(qkv, k_pool, v_pool, start, plan, out):
+    nkv, hd = k_pool.shape[1], k_pool.shape[3]
+    nq = out.shape[1] // hd
+    for row0, n, slot in plan:
+        attention(qkv[row0:row0 + n], nq, nkv, hd, k_pool[slot], v_pool[slot], start[slot:slot + 1],
+                  out=out[row0:row0 + n])
+    return out
+
+
 def rope_append_attention(qkv, nq, nkv, hd, k_cache, v_cache, positions, slots, out, workspace, cos_t, sin_t):
     for b in range(qkv.shape[0]):
         p, s = int(positions[b]), int(slots[b])
@@ -160,6 +173,7 @@ def emulated_gpu(monkeypatch):
     monkeypatch.setattr(lk, "ternary_linear", ternary_linear)
     for name, fn in (("embedding", embedding), ("rmsnorm", rmsnorm), ("rope_append", rope_append),
                      ("attention", attention), ("rope_append_attention", rope_append_attention),
+                     ("plan_chunks", plan_chunks), ("attention_chunks", attention_chunks),
                      ("sample_batch", sample_batch), ("lm_head", _head), ("lm_head_mma", _head)):
         monkeypatch.setattr(dk, name, fn)
     monkeypatch.setattr(dk, "lm_head_mma_supported", lambda w: w.dtype == torch.bfloat16)

@@ -66,6 +66,20 @@ void register_decode(py::module_& m) {
       },
       "causal GQA prefill attention, variant 2: query tiles x key splits (query t at *start + t_base + t)");
   m.def(
+      "attention_tiled_chunks",
+      [](uintptr_t qkv, int stride, uintptr_t tiles, int ntiles, int ws_row0, int ws_rows, int nq, int nkv, int hd,
+         uintptr_t kpool, uintptr_t vpool, int cache_dtype, int max_len, size_t slot_stride, uintptr_t start,
+         uintptr_t out, uintptr_t ws, size_t ws_floats, uintptr_t stream) {
+        require_gpu();
+        if (ntiles > 0 && (!qkv || !tiles || !kpool || !vpool || !start || !out)) {
+          throw std::invalid_argument("attention_tiled_chunks: null device pointer");
+        }
+        attention_tiled_chunks(p<const float>(qkv), stride, p<const int32_t>(tiles), ntiles, ws_row0, ws_rows, nq,
+                               nkv, hd, p<const void>(kpool), p<const void>(vpool), cache_dtype, max_len, slot_stride,
+                               p<const int32_t>(start), p<float>(out), p<float>(ws), ws_floats, as_stream(stream));
+      },
+      "variant 2 over several prompts' chunks in one launch (tiles int32 [n][4]: row, tokens, slot, offset)");
+  m.def(
       "rope_append_batch",
       [](uintptr_t qkv, int stride, int B, int nq, int nkv, int hd, uintptr_t cos_t, uintptr_t sin_t,
          uintptr_t positions, uintptr_t slots, uintptr_t kc, uintptr_t vc, int cache_dtype, int num_slots,

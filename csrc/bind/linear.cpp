@@ -57,7 +57,7 @@ void register_linear(py::module_& m) {
         "Unpack uint8 [D, RB] (format v1) into int8 ternary [N, D].");
   m.def("quantize_topk",
         [](uptr x, int x_bf16, uptr norm_w, float eps, int T, int D, int K, uptr idx, uptr q, int ld, uptr gamma,
-           uptr qdense, int ldd, uptr stream) {
+           uptr qdense, int ldd, uptr stream, int threads) {
           require_gpu();
           SelectArgs s = make_select(x, x_bf16, norm_w, eps, T, D, K);
           s.idx = as_ptr<int32_t>(idx);
@@ -66,9 +66,13 @@ void register_linear(py::module_& m) {
           s.gamma = as_ptr<float>(gamma);
           s.qdense = as_ptr<int8_t>(qdense);
           s.ldd = ldd;
-          launch_select(s, as_stream(stream));
+          launch_select(s, as_stream(stream), threads);
         },
-        "Per-token absmax int8 + exact top-K (ties: lower index), optionally RMSNorm-fused.");
+        py::arg("x"), py::arg("x_bf16"), py::arg("norm_w"), py::arg("eps"), py::arg("T"), py::arg("D"), py::arg("K"),
+        py::arg("idx"), py::arg("q"), py::arg("ld"), py::arg("gamma"), py::arg("qdense"), py::arg("ldd"),
+        py::arg("stream"), py::arg("threads") = 0,
+        "Per-token absmax int8 + exact top-K (ties: lower index), optionally RMSNorm-fused; threads: the CTA size "
+        "per token (0 = by T: 1024 up to 2 tokens per SM, else 256; both give the same bits).");
   m.def("ternary_gemv",
         [](int fused, uptr x, int x_bf16, uptr norm_w, float eps, int T, int D, int K, uptr idx, uptr q, int ld,
            uptr gamma, uptr packed, int RB, uptr colinfo, uptr scales, int epi, uptr residual, uptr out, int out_ld,
@@ -114,7 +118,7 @@ void register_linear(py::module_& m) {
   m.def("gemv_fused_smem_bytes", &gemv_fused_smem_bytes, "Dynamic shared memory of the fused GEMV.");
   m.def("ternary_gemm",
         [](uptr qdense, int ldq, uptr gamma, int T, int D, uptr packed, int RB, uptr colinfo, uptr scales, int epi,
-           uptr residual, uptr out, int out_ld, uptr raw, uptr stream, int variant, int splits) {
+           uptr residual, uptr out, int out_ld, uptr raw, uptr stream, int variant, int splits, int tile_tokens) {
           require_gpu();
           GemmArgs a;
           a.qdense = as_ptr<const int8_t>(qdense);
@@ -127,13 +131,16 @@ void register_linear(py::module_& m) {
           a.ep = make_epilogue(colinfo, scales, epi, residual, out, out_ld, raw);
           if (variant == 2) launch_gemm_skinny(a, splits, as_stream(stream));
           else if (variant == 1) launch_gemm(a, as_stream(stream));
-          else throw std::invalid_argument("ternary_gemm: variant must be 1 (tiled) or 2 (skinny)");
+          else if (variant == 3) launch_gemm_prefill(a, tile_tokens, as_stream(stream));
+          else throw std::invalid_argument("ternary_gemm: variant must be 1 (tiled), 2 (skinny) or 3 (prefill)");
         },
         py::arg("qdense"), py::arg("ldq"), py::arg("gamma"), py::arg("T"), py::arg("D"), py::arg("packed"),
         py::arg("RB"), py::arg("colinfo"), py::arg("scales"), py::arg("epi"), py::arg("residual"), py::arg("out"),
         py::arg("out_ld"), py::arg("raw"), py::arg("stream"), py::arg("variant") = 1, py::arg("splits") = 1,
-        "Tensor-core (mma.sync s8) ternary GEMM over masked int8 activations: variant 1 (64-token tiles) or 2 "
-        "(decode widths: 16 tokens per CTA, k split over `splits` CTAs of a cluster).");
+        py::arg("tile_tokens") = 128,
+        "Tensor-core (mma.sync s8) ternary GEMM over masked int8 activations: variant 1 (64-token tiles), 2 "
+        "(decode widths: 16 tokens per CTA, k split over `splits` CTAs of a cluster) or 3 (prefill widths: "
+        "`tile_tokens` (64 or 128) tokens x 128 columns per CTA through a cp.async pipeline).");
   m.def("gemm_skinny_max_splits", &gemm_skinny_max_splits, "Most k-splits (cluster size) of GEMM variant 2.");
 }
 

@@ -42,6 +42,13 @@ struct TiledArgs {
   float* part_acc;  // [nsplit][T][nq][hd]
   float* part_ml;   // [nsplit][T][nq][2]: running max, sum
   float scale;
+  // Several prompts' chunks in one call (attention_tiled_chunks): tile i is tiles[i] = (first row, tokens, slot,
+  // position offset of the first row within the chunk); row positions are start[slot] + offset + j, and the
+  // caches are those of `slot` (slot_stride elements apart). Rows are absolute in qkv / out; the partials are
+  // indexed from row ws_row0 (T rows of them). nullptr: one chunk, rows t at *start + t_base + t.
+  const int4* tiles;
+  size_t slot_stride;
+  int ws_row0;
 };
 
 __host__ __device__ inline size_t smem_floats(int hd) {
@@ -53,9 +60,20 @@ template <typename C>
 __global__ void __launch_bounds__(kThreads) attention_tiled_kernel(TiledArgs a) {
   const int G = a.nq / a.nkv, TQ = kTileRows / G;
   const int g = blockIdx.y, split = blockIdx.z;
-  const int t0 = blockIdx.x * TQ;
-  const int tokens = min(TQ, a.T - t0), rows = tokens * G;
-  const int pos0 = *a.start + a.t_base + t0;  // position of the tile's first token
+  int t0, tokens, pos0;  // the tile's first row, its tokens, the position of its first token
+  size_t slot_off = 0;
+  if (a.tiles) {
+    const int4 d = a.tiles[blockIdx.x];
+    t0 = d.x;
+    tokens = d.y;
+    pos0 = a.start[d.z] + d.w;
+    slot_off = static_cast<size_t>(d.z) * a.slot_stride;
+  } else {
+    t0 = blockIdx.x * TQ;
+    tokens = min(TQ, a.T - t0);
+    pos0 = *a.start + a.t_base + t0;
+  }
+  const int rows = tokens * G;
   const int p_last = min(pos0 + tokens - 1, a.max_len - 1);
   const int k_begin = split * kSplitKeys;
   if (k_begin > p_last) return;  // no row of this tile has keys here (the merge reads only splits with keys)
@@ -101,8 +119,8 @@ __global__ void __launch_bounds__(kThreads) attention_tiled_kernel(TiledArgs a) 
 #pragma unroll
   for (int i = 0; i < 2; ++i) sc_last[i] = row_last(sc_r + 32 * i);
 
-  const C* kb = static_cast<const C*>(a.kc) + (size_t)g * a.max_len * hd;
-  const C* vb = static_cast<const C*>(a.vc) + (size_t)g * a.max_len * hd;
+  const C* kb = static_cast<const C*>(a.kc) + slot_off + (size_t)g * a.max_len * hd;
+  const C* vb = static_cast<const C*>(a.vc) + slot_off + (size_t)g * a.max_len * hd;
   for (int kt = k_begin; kt < k_end; kt += kTileKeys) {
     __syncthreads();  // the previous tile's k_s, v_s and s_s are consumed (and q_s is written, the first time)
     for (int i = tid; i < kTileKeys * hd; i += kThreads) {
@@ -200,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) attention_tiled_kernel(TiledArgs a) 
         if (d < hd) o[d] = L > 0.f ? acc[i][e] / L : 0.f;
       }
     } else {
-      const size_t rec = ((size_t)split * a.T + t) * a.nq + head;
+      const size_t rec = ((size_t)split * a.T + (t - a.ws_row0)) * a.nq + head;
       float* pa = a.part_acc + rec * hd;
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
@@ -217,16 +235,27 @@ __global__ void __launch_bounds__(kThreads) attention_tiled_kernel(TiledArgs a) 
 
 // One block per (token, head), a thread per channel: rows at positions >= kSplitKeys combine their splits
 // 0 .. last / kSplitKeys in order. For one split this is A / L with A = acc and L = l exactly (c = exp(0) = 1).
+// With tiles: block x = tile * TQ + j serves row j of tile x / TQ.
 __global__ void attention_tiled_merge_kernel(TiledArgs a) {
-  const int t = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
-  const int last = min(*a.start + a.t_base + t, a.max_len - 1);
+  const int head = blockIdx.y, d = threadIdx.x;
+  int t, last;
+  if (a.tiles) {
+    const int TQ = kTileRows / (a.nq / a.nkv), j = blockIdx.x % TQ;
+    const int4 tile = a.tiles[blockIdx.x / TQ];
+    if (j >= tile.y) return;
+    t = tile.x + j;
+    last = min(a.start[tile.z] + tile.w + j, a.max_len - 1);
+  } else {
+    t = blockIdx.x;
+    last = min(*a.start + a.t_base + t, a.max_len - 1);
+  }
   if (last < kSplitKeys || d >= a.hd) return;
-  const int ns = last / kSplitKeys + 1;
+  const int ns = last / kSplitKeys + 1, tw = t - a.ws_row0;
   float M = -INFINITY;
-  for (int s = 0; s < ns; ++s) M = fmaxf(M, a.part_ml[(((size_t)s * a.T + t) * a.nq + head) * 2]);
+  for (int s = 0; s < ns; ++s) M = fmaxf(M, a.part_ml[(((size_t)s * a.T + tw) * a.nq + head) * 2]);
   float L = 0.f, A = 0.f;
   for (int s = 0; s < ns; ++s) {
-    const size_t rec = ((size_t)s * a.T + t) * a.nq + head;
+    const size_t rec = ((size_t)s * a.T + tw) * a.nq + head;
     const float c = expf(a.part_ml[rec * 2] - M);
     L += a.part_ml[rec * 2 + 1] * c;
     A += a.part_acc[rec * a.hd + d] * c;
@@ -235,7 +264,7 @@ __global__ void attention_tiled_merge_kernel(TiledArgs a) {
 }
 
 template <typename C>
-void launch(const TiledArgs& a, cudaStream_t stream) {
+void launch(const TiledArgs& a, int ntiles, cudaStream_t stream) {
   const int G = a.nq / a.nkv, TQ = kTileRows / G;
   const int nsplit = (a.max_len + kSplitKeys - 1) / kSplitKeys;
   const size_t smem = sizeof(float) * smem_floats(a.hd);
@@ -245,11 +274,11 @@ void launch(const TiledArgs& a, cudaStream_t stream) {
     QS_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     smem_set = smem;
   }
-  dim3 grid((a.T + TQ - 1) / TQ, a.nkv, nsplit);
+  dim3 grid(a.tiles ? ntiles : (a.T + TQ - 1) / TQ, a.nkv, nsplit);
   kern<<<grid, kThreads, smem, stream>>>(a);
   QS_LAUNCH_CHECK("attention_tiled_kernel");
   if (nsplit > 1) {
-    attention_tiled_merge_kernel<<<dim3(a.T, a.nq), kMaxHd, 0, stream>>>(a);
+    attention_tiled_merge_kernel<<<dim3(a.tiles ? ntiles * TQ : a.T, a.nq), kMaxHd, 0, stream>>>(a);
     QS_LAUNCH_CHECK("attention_tiled_merge_kernel");
   }
 }
@@ -261,10 +290,11 @@ size_t attention_tiled_workspace_floats(int T, int nq, int hd, int max_len) {
   return nsplit > 1 ? nsplit * (size_t)T * nq * (hd + 2) : 0;
 }
 
-void attention_tiled(const float* qkv, int stride, int T, int t_base, int nq, int nkv, int hd, const void* kcache,
-                     const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out,
-                     float* workspace, size_t workspace_floats, cudaStream_t stream) {
-  if (T <= 0) return;
+namespace {
+
+TiledArgs make_args(const float* qkv, int stride, int T, int t_base, int nq, int nkv, int hd, const void* kcache,
+                    const void* vcache, int max_len, const int32_t* start, float* out, float* workspace,
+                    size_t workspace_floats) {
   if (nkv <= 0 || nq % nkv) throw std::invalid_argument("attention: num_heads must be a multiple of num_kv_heads");
   if (nq / nkv > 8) throw std::invalid_argument("attention: at most 8 query heads per kv head are supported");
   if (hd < 1 || hd > kMaxHd) throw std::invalid_argument("attention: head_dim must be in 1..128");
@@ -275,15 +305,44 @@ void attention_tiled(const float* qkv, int stride, int T, int t_base, int nq, in
                                 std::to_string(workspace_floats));
   }
   const size_t nsplit = (size_t)(max_len + kSplitKeys - 1) / kSplitKeys;
-  TiledArgs a{qkv, stride, T, t_base, nq, nkv, hd, max_len, kcache, vcache, start, out,
-              workspace, workspace ? workspace + nsplit * (size_t)T * nq * hd : nullptr, 1.0f / sqrtf((float)hd)};
+  return TiledArgs{qkv, stride, T, t_base, nq, nkv, hd, max_len, kcache, vcache, start, out, workspace,
+                   workspace ? workspace + nsplit * (size_t)T * nq * hd : nullptr, 1.0f / sqrtf((float)hd),
+                   nullptr, 0, 0};
+}
+
+void launch_dtype(const TiledArgs& a, int ntiles, int cache_dtype, cudaStream_t stream) {
   if (cache_dtype == kDBF16) {
-    launch<__nv_bfloat16>(a, stream);
+    launch<__nv_bfloat16>(a, ntiles, stream);
   } else if (cache_dtype == kDF32) {
-    launch<float>(a, stream);
+    launch<float>(a, ntiles, stream);
   } else {
     throw std::invalid_argument("attention: KV cache must be float32 or bfloat16");
   }
+}
+
+}  // namespace
+
+void attention_tiled(const float* qkv, int stride, int T, int t_base, int nq, int nkv, int hd, const void* kcache,
+                     const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out,
+                     float* workspace, size_t workspace_floats, cudaStream_t stream) {
+  if (T <= 0) return;
+  const TiledArgs a = make_args(qkv, stride, T, t_base, nq, nkv, hd, kcache, vcache, max_len, start, out, workspace,
+                                workspace_floats);
+  launch_dtype(a, 0, cache_dtype, stream);
+}
+
+void attention_tiled_chunks(const float* qkv, int stride, const int32_t* tiles, int ntiles, int ws_row0, int ws_rows,
+                            int nq, int nkv, int hd, const void* kpool, const void* vpool, int cache_dtype,
+                            int max_len, size_t slot_stride, const int32_t* start, float* out, float* workspace,
+                            size_t workspace_floats, cudaStream_t stream) {
+  if (ntiles <= 0) return;
+  if (ws_rows < 1 || ws_row0 < 0) throw std::invalid_argument("attention_tiled_chunks: ws_rows >= 1, ws_row0 >= 0");
+  TiledArgs a = make_args(qkv, stride, ws_rows, 0, nq, nkv, hd, kpool, vpool, max_len, start, out, workspace,
+                          workspace_floats);
+  a.tiles = reinterpret_cast<const int4*>(tiles);
+  a.slot_stride = slot_stride;
+  a.ws_row0 = ws_row0;
+  launch_dtype(a, ntiles, cache_dtype, stream);
 }
 
 }  // namespace qsparse

@@ -42,6 +42,15 @@ size_t attention_tiled_workspace_floats(int T, int nq, int hd, int max_len);
 void attention_tiled(const float* qkv, int stride, int T, int t_base, int nq, int nkv, int hd, const void* kcache,
                      const void* vcache, int cache_dtype, int max_len, const int32_t* start, float* out,
                      float* workspace, size_t workspace_floats, cudaStream_t stream);
+// Several prompts' chunks of one serving step in one launch: tiles int32 [ntiles][4] = (first row, tokens <= the
+// tile's 64 / G, slot, position offset of the first row within its chunk), a row at position start[slot] + offset
+// + j over cache slot `slot` (pools [num_slots][nkv][max_len][hd], slot_stride = nkv * max_len * hd). qkv and out
+// are indexed by absolute row; the workspace holds ws_rows rows from ws_row0 (every tile's rows in that range).
+// Each query gets the bits that attention_tiled gives it.
+void attention_tiled_chunks(const float* qkv, int stride, const int32_t* tiles, int ntiles, int ws_row0, int ws_rows,
+                            int nq, int nkv, int hd, const void* kpool, const void* vpool, int cache_dtype,
+                            int max_len, size_t slot_stride, const int32_t* start, float* out, float* workspace,
+                            size_t workspace_floats, cudaStream_t stream);
 
 // Batched decode (csrc/decode/attention_batch.cu). Caches [num_slots, nkv, max_len, hd]; row b of qkv
 // [B, stride] is at position positions[b] of cache slot slots[b] (both int32 on the device).

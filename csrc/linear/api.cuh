@@ -36,7 +36,8 @@ struct SelectArgs {
   int8_t* qdense = nullptr;
   int ldd = 0;
 };
-void launch_select(const SelectArgs& a, cudaStream_t stream);
+// threads: the CTA size per token, 0 = by T (1024 up to 2 tokens per SM, else 256); both give the same bits.
+void launch_select(const SelectArgs& a, cudaStream_t stream, int threads = 0);
 
 // The epilogue every ternary product shares.
 struct EpilogueArgs {
@@ -93,5 +94,8 @@ void launch_gemm(const GemmArgs& a, cudaStream_t stream);
 // 1..gemm_skinny_max_splits(); 1 below sm_90).
 void launch_gemm_skinny(const GemmArgs& a, int splits, cudaStream_t stream);
 int gemm_skinny_max_splits();
+// GEMM variant 3 (gemm_prefill.cu) for prefill widths: tile_tokens (64 or 128) tokens x 128 columns per
+// CTA, both operands through a cp.async pipeline, no split-K. ldq must be a multiple of 64.
+void launch_gemm_prefill(const GemmArgs& a, int tile_tokens, cudaStream_t stream);
 
 }  // namespace qsparse

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..kernels import decode as dk
-from ..kernels._ext import ext
+from ..kernels._ext import current_stream_handle, ext
 from ..kernels.linear import EPI_PLAIN, EPI_RESIDUAL, GLU_EPILOGUES, PackedTernary
 from ..model.config import ModelConfig
 from .weights import TopK
@@ -31,7 +31,7 @@ COLS = 512  # columns per projection tile (t1::kColsPerCta)
 
 
 def _stream() -> int:
-    return torch.cuda.current_stream().cuda_stream
+    return current_stream_handle()
 
 
 def unsupported_for(cfg: ModelConfig, k: TopK, kv_dtype: torch.dtype) -> str | None:

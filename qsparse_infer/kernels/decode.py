@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ._ext import ext
+from ._ext import current_stream_handle, ext
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _stream() -> int:
-    return torch.cuda.current_stream().cuda_stream
+    return current_stream_handle()
 
 
 def _check(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], dim: int | None = None) -> None:
@@ -143,6 +143,90 @@ def attention(qkv: torch.Tensor, nq: int, nkv: int, hd: int, k_cache: torch.Tens
                               v_cache.data_ptr(), DTYPE_CODE[k_cache.dtype], max_len, start.data_ptr(),
                               out.data_ptr() + r0 * row_o, ws.data_ptr() if ws is not None else 0,
                               n * per_row, _stream())
+    return out
+
+
+@dataclass(frozen=True)
+class PrefillChunks:
+    """Where the prompt chunks of one serving step sit, as attention_chunks's tiles: built once per step on the
+    host (one copy to the device) and shared by every layer. `launches` are (first tile, end tile, first row,
+    rows): consecutive tiles whose rows' fp32 partials fit PREFILL_WORKSPACE_FLOATS together."""
+
+    tiles: torch.Tensor  # int32 [ntiles, 4] on the device: first row, tokens, slot, offset in the chunk
+    launches: tuple[tuple[int, int, int, int], ...]
+    nq: int
+    nkv: int
+    hd: int
+    max_len: int
+
+
+def plan_chunks(chunks: list[tuple[int, int, int]], nq: int, nkv: int, hd: int, max_len: int,
+                device: torch.device) -> PrefillChunks:
+    """chunks: (first row in qkv, tokens, cache slot) per prompt chunk, rows ascending and disjoint, one chunk per
+    slot. Each chunk is cut into variant 2's query tiles (64 / G tokens) exactly as a call of `attention` on it
+    alone would cut it, so every query keeps its bits."""
+    if nkv <= 0 or nq % nkv or nq // nkv > 8:
+        raise ValueError(f"plan_chunks: {nq} query heads over {nkv} kv heads is not supported")
+    slots = [c[2] for c in chunks]
+    if len(set(slots)) != len(slots):
+        raise ValueError("plan_chunks: at most one chunk per slot (a slot's chunks must run in order)")
+    tq = 64 // (nq // nkv)
+    tiles: list[list[int]] = []
+    end = 0
+    for row0, n, slot in chunks:
+        if n < 1 or row0 < end:
+            raise ValueError(f"plan_chunks: chunk rows must be ascending, disjoint and non-empty, got {chunks}")
+        end = row0 + n
+        tiles += [[row0 + j, min(tq, n - j), slot, j] for j in range(0, n, tq)]
+    per_row = ext().attention_tiled_workspace_floats(1, nq, hd, max_len)
+    cap_rows = max(tq, PREFILL_WORKSPACE_FLOATS // per_row) if per_row else 1 << 30
+    launches, i0 = [], 0
+    for i in range(1, len(tiles) + 1):
+        if i == len(tiles) or tiles[i][0] + tiles[i][1] - tiles[i0][0] > cap_rows:
+            r0, r1 = tiles[i0][0], tiles[i - 1][0] + tiles[i - 1][1]
+            launches.append((i0, i, r0, r1 - r0))
+            i0 = i
+    # through pinned memory: a pageable copy would make the host wait for the whole stream (the serving runner
+    # prepares the next step while the GPU runs this one)
+    t = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 4)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return PrefillChunks(t, tuple(launches), nq, nkv, hd, max_len)
+
+
+def attention_chunks(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, start: torch.Tensor,
+                     plan: PrefillChunks, out: torch.Tensor) -> torch.Tensor:
+    """Variant 2 of `attention` over several prompts' chunks in one launch (per workspace block): row r of a chunk
+    (first row a, slot s) is at position start[s] + (r - a) and attends over pools [num_slots, nkv, max_len, hd]
+    slot s. Each query gets the bits `attention` gives it on its chunk alone. Rows outside the chunks are left
+    as they are in `out`."""
+    nq, nkv, hd = plan.nq, plan.nkv, plan.hd
+    _check(qkv, "qkv", (torch.float32,), 2)
+    _check(out, "out", (torch.float32,), 2)
+    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
+        _check(pool, name, (torch.float32, torch.bfloat16), 4)
+    if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
+        raise ValueError("k_pool and v_pool must have the same shape and dtype")
+    num_slots, max_len = k_pool.shape[0], k_pool.shape[2]
+    if k_pool.shape[1] != nkv or k_pool.shape[3] != hd or max_len != plan.max_len:
+        raise ValueError(f"pools must be [slots, {nkv}, {plan.max_len}, {hd}], got {tuple(k_pool.shape)}")
+    _check(start, "start", (torch.int32,), 1)
+    if start.shape[0] < num_slots:
+        raise ValueError(f"start must hold a position per slot ({num_slots}), got {start.shape[0]}")
+    if qkv.shape[1] < (nq + 2 * nkv) * hd or out.shape[1] != nq * hd or out.shape[0] != qkv.shape[0]:
+        raise ValueError(f"qkv [T, >= {(nq + 2 * nkv) * hd}] and out [T, {nq * hd}] needed, got "
+                         f"{tuple(qkv.shape)} and {tuple(out.shape)}")
+    if plan.launches and plan.launches[-1][2] + plan.launches[-1][3] > qkv.shape[0]:
+        raise ValueError(f"the chunks reach row {plan.launches[-1][2] + plan.launches[-1][3]}, qkv has "
+                         f"{qkv.shape[0]}")
+    per_row = ext().attention_tiled_workspace_floats(1, nq, hd, max_len)
+    rows = max((n for *_, n in plan.launches), default=0)
+    ws = _prefill_workspace(qkv.device, rows * per_row) if per_row and rows else None
+    for i0, i1, r0, n in plan.launches:
+        ext().attention_tiled_chunks(qkv.data_ptr(), qkv.shape[1], plan.tiles[i0].data_ptr(), i1 - i0, r0, n, nq,
+                                     nkv, hd, k_pool.data_ptr(), v_pool.data_ptr(), DTYPE_CODE[k_pool.dtype], max_len,
+                                     nkv * max_len * hd, start.data_ptr(), out.data_ptr(),
+                                     ws.data_ptr() if ws is not None else 0, n * per_row, _stream())
     return out
 
 

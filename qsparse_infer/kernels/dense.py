@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._ext import ext
+from ._ext import current_stream_handle, ext
 
 DENSE_EPI_PLAIN, DENSE_EPI_RESIDUAL, DENSE_EPI_SILU_GLU = 0, 1, 2
 COLS_PER_BLOCK = 512
@@ -265,7 +265,7 @@ def dense_linear(x: torch.Tensor, w: DenseWeight, k: int | tuple[int, int], *,
                      ks[-1], nseg, w.weight_t.data_ptr(), w.out_features, n_out, n_out if glu else 0,
                      int(w.rescale == "l2"), epi, w.bias.data_ptr() if w.bias is not None else 0,
                      residual.data_ptr() if residual is not None else 0, out.data_ptr(), splits, ws.data_ptr(),
-                     counters.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+                     counters.data_ptr(), current_stream_handle(dev.index))
     return out
 
 

@@ -3,7 +3,7 @@
 `ternary_linear` is the contract the GPU decoder uses (docs/ARCHITECTURE.md). Every wrapper validates
 shapes, dtypes, devices and contiguity before any kernel runs, and names what is wrong.
 
-Graph capture: kernels take `torch.cuda.current_stream().cuda_stream`; the split-K workspaces and
+Graph capture: kernels take the current stream (`_ext.current_stream_handle`); the split-K workspaces and
 the select buffers are cached per device and grow only outside capture (the first call with a
 given size must happen before capturing). They are reset by the kernels themselves, so the cache is
 shared by every call on a device: use one stream at a time per device.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import packing
-from ._ext import ext
+from ._ext import current_stream_handle, ext
 
 EPI_PLAIN, EPI_RESIDUAL, EPI_RELU2, EPI_SILU = 0, 1, 2, 3
 GLU_EPILOGUES = {"relu2": EPI_RELU2, "silu": EPI_SILU}
@@ -180,7 +180,7 @@ def _buffer(device: torch.device, name: str, numel: int, dtype: torch.dtype) -> 
 
 
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    return current_stream_handle(device.index)
 
 
 @dataclass(frozen=True)
@@ -234,23 +234,44 @@ def plan_gemv(w: PackedTernary, k: int, device: torch.device, variant: str | Non
     return GemvPlan(fused, c, splits, ntiles)
 
 
-GEMM_VARIANTS = {"tiled": 1, "skinny": 2}
-# GEMM variant 2 ("skinny", linear_gemm_skinny.cu) is the default at every T, prefill included (a CTA per 16
-# tokens re-reads its weights from L2). Variant 1 (64-token tiles, weights unpacked byte by byte into shared
-# memory) took 500-600 us per 2B4T layer at 1-64 tokens against 47-99 us, and prefill ran 4x slower
-# (bench/NOTES-batched.md); it stays as `_variant="tiled"`.
+GEMM_VARIANTS = {"tiled": 1, "skinny": 2, "prefill": 3}
+# GEMM variant 2 ("skinny", gemm_skinny.cu): a CTA per 16 tokens x 128 columns, the k range split over a
+# cluster so that a few tokens still fill the card. Variant 3 ("prefill", gemm_prefill.cu): 64 tokens x 128
+# columns per CTA through a cp.async pipeline, one weight tile read per 64 tokens, no split-K. Measured on an
+# H200 (bench/NOTES-serving.md section 4, results/prefill-gemm-h200.json, 2B4T groups): variant 3 wins where
+# its grid holds at least ~0.8 CTAs per SM (gate_up from 64 tokens: 28.5 vs 40.9 us; qkv at 256: 28.5 vs
+# 32.7; down at 512: 71 vs 77) and loses below (o and down at 256, 80 CTAs: 28 vs 21 and 53 vs 44 us),
+# where one CTA's latency-bound k loop is the whole time. Its 128-token tiles (244 registers, 2 CTAs per
+# SM) were slower than the 64-token ones at every measured shape, up to 2048 tokens; they stay as
+# `_shape=(0, 128)`. Variant 1 (64-token tiles, weights unpacked byte by byte into shared memory) took
+# 500-600 us per 2B4T layer at 1-64 tokens against 47-99 us (bench/NOTES-batched.md); `_variant="tiled"`.
+PREFILL_MIN_TOKENS = 64
+PREFILL_MIN_CTAS_PER_SM = 0.8
 
 
 def plan_gemm(w: PackedTernary, t: int, device: torch.device, variant: str | None = None,
               shape: tuple[int, int] | None = None) -> tuple[int, int]:
-    """(GEMM variant 1 or 2, k-splits). Variant 2 splits the k range over up to 8 CTAs of a cluster until
-    ~2 CTAs per SM are busy, keeping at least two 32-row k steps per warp (8 per CTA); `shape` = (0, splits)
-    overrides the split count (kernel lab)."""
+    """(GEMM variant 1, 2 or 3, its launch parameter): k-splits for variant 2, tokens per CTA for variant 3.
+
+    By default variant 3 from PREFILL_MIN_TOKENS tokens where its 64-token grid gives at least
+    PREFILL_MIN_CTAS_PER_SM CTAs per SM, else variant 2, which splits the k range over up to 8 CTAs of a
+    cluster until ~2 CTAs per SM are busy, keeping at least two 32-row k steps per warp (8 per CTA).
+    `shape` = (0, splits) or (0, tile tokens: 64 or 128) overrides the parameter (kernel lab)."""
     if variant is not None and variant not in GEMM_VARIANTS:
-        raise ValueError(f"GEMM variant must be None, 'tiled' or 'skinny', got {variant!r}")
-    v = GEMM_VARIANTS[variant or "skinny"]
+        raise ValueError(f"GEMM variant must be None, 'tiled', 'skinny' or 'prefill', got {variant!r}")
+    if variant is None:
+        ctas = -(-w.npad // 128) * -(-t // 64)
+        variant = "prefill" if t >= PREFILL_MIN_TOKENS and ctas >= PREFILL_MIN_CTAS_PER_SM * _sms(device) \
+            else "skinny"
+    v = GEMM_VARIANTS[variant]
     if v == 1:
         return 1, 1
+    if v == 3:
+        if shape is None:
+            return 3, 64
+        if shape[1] not in (64, 128):
+            raise ValueError(f"prefill GEMM shape must be (0, 64 or 128), got {shape}")
+        return 3, int(shape[1])
     if shape is not None:
         if shape[1] < 1:
             raise ValueError(f"GEMM shape must be (0, splits >= 1), got {shape}")
@@ -311,12 +332,15 @@ def t1_threads(d: int) -> int:
 
 
 def quantize_topk(x: torch.Tensor, k: int, norm_weight: torch.Tensor | None = None,
-                  eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  eps: float = 1e-5, _threads: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 + top-k of |x'| (x' = RMSNorm(x) * norm_weight if given).
 
     Returns (idx int32 [T, k] ascending, q int8 [T, k], gamma float32 [T]); matches
     model.quant.topk_indices / quantize_int8 (the spec) bit for bit when no norm is fused.
+    `_threads` (tests, the kernel lab) forces the CTA size per token: 256 or 1024 (0: by T).
     """
+    if _threads not in (0, 256, 1024):
+        raise ValueError(f"_threads must be 0, 256 or 1024, got {_threads}")
     t, d = _check_x(x)
     _check_k(k, d)
     _check_norm(norm_weight, d)
@@ -325,13 +349,13 @@ def quantize_topk(x: torch.Tensor, k: int, norm_weight: torch.Tensor | None = No
         _check_cuda("norm_weight", norm_weight, x.device)
     if x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):
-            return quantize_topk(x, k, norm_weight, eps)
+            return quantize_topk(x, k, norm_weight, eps, _threads)
     idx = torch.empty((t, k), dtype=torch.int32, device=x.device)
     q = torch.empty((t, k), dtype=torch.int8, device=x.device)
     gamma = torch.empty((t,), dtype=torch.float32, device=x.device)
     ext().quantize_topk(x.data_ptr(), int(x.dtype == torch.bfloat16),
                         norm_weight.data_ptr() if norm_weight is not None else 0, float(eps), t, d, k,
-                        idx.data_ptr(), q.data_ptr(), k, gamma.data_ptr(), 0, 0, _stream(x.device))
+                        idx.data_ptr(), q.data_ptr(), k, gamma.data_ptr(), 0, 0, _stream(x.device), _threads)
     return idx, q, gamma
 
 
@@ -343,13 +367,14 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
     """BitLinear over a packed ternary group: [RMSNorm] -> absmax int8 -> top-k -> int32 product -> epilogue.
 
     T <= 8 tokens run the gather-GEMV (only the k selected rows are read); more run the tensor-core
-    GEMM on masked int8 activations (variant 2, "skinny"; variant 1, "tiled", only when asked for). One
+    GEMM on masked int8 activations (variant 2, "skinny", or variant 3, "prefill", where its grid fills the card:
+    plan_gemm; variant 1, "tiled", only when asked for). One
     token goes to a one-token kernel: variant 3 ("t1p", weight rows prefetched into shared memory) for dense
     projections where its tile fits, else variant 2 ("t1"), unless `_variant` ("t1", "t1p", "fused" /
-    "split" = GEMV variant 1, "tiled" / "skinny" = a GEMM variant for any T) says otherwise. `_raw_acc`
+    "split" = GEMV variant 1, "tiled" / "skinny" / "prefill" = a GEMM variant for any T) says otherwise. `_raw_acc`
     (int32 [T, Npad], tests) receives the exact int32 accumulators per packed column; `_shape` overrides the launch shape
     (benchmarks): (chunks per tile, K-splits) for variant 1, (CTA size or 0, CTAs per column block) for t1/t1p,
-    (0, k-splits) for the skinny GEMM.
+    (0, k-splits) for the skinny GEMM, (0, 64 or 128 tokens per CTA) for the prefill GEMM.
     `_path` forces a path for any T (batched decode picks paths by measured crossovers, bench/batched_linear.py):
     "t1" (a one-token kernel once per row), "gemv" (variant 1 in groups of <= 8 rows), "gemm" (tensor cores).
     Every path gives each row the same bits: exact int32 sums, a shared epilogue, and with norm_weight the
@@ -454,9 +479,10 @@ def ternary_linear(x: torch.Tensor, w: PackedTernary, k: int, *, norm_weight: to
         ext().quantize_topk(x.data_ptr(), xb, norm_ptr, float(norm_eps), t, d, k, idx_buf.data_ptr(),
                             q_buf.data_ptr(), k, g_buf.data_ptr(), qd.data_ptr(), ldq, stream)
         forced = _variant in GEMM_VARIANTS  # _path="gemm" alone leaves the variant and splits to the plan
-        variant, splits = plan_gemm(w, t, dev, _variant if forced else None, _shape if forced else None)
+        variant, param = plan_gemm(w, t, dev, _variant if forced else None, _shape if forced else None)
         ext().ternary_gemm(qd.data_ptr(), ldq, g_buf.data_ptr(), t, d, w.packed.data_ptr(), rb, w.colinfo.data_ptr(),
-                           w.scales.data_ptr(), epi, res_ptr, out.data_ptr(), n_out, raw_ptr, stream, variant, splits)
+                           w.scales.data_ptr(), epi, res_ptr, out.data_ptr(), n_out, raw_ptr, stream, variant,
+                           param if variant == 2 else 1, param if variant == 3 else 128)
     return out
 
 

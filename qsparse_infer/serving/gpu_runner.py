@@ -65,7 +65,8 @@ class LinearPolicy:
     """Which ternary_linear path serves a batch of B rows (crossovers: bench/batched_linear.py).
     B == 1: the one-token kernel ("t1") if t1_single_row, else variant 1; B <= gemv_max_rows: the gather-GEMV
     (variant 1, groups of <= 8 rows, each row reads only its selected weight rows); larger B: the tensor-core
-    GEMM (its skinny variant 2 up to 64 rows: every weight row read once for all B rows).
+    GEMM (its skinny variant 2 up to 64 rows, the prefill variant 3 above: every weight row read once for all B
+    rows, and for mixed steps with prompt chunks once per 64-128 rows).
 
     Every path rounds a row identically (the kernels share the RMSNorm's summation order and the int32 sums are
     exact), so a seeded request gives the same tokens alone and batched (SERVING_API.md) whichever is chosen;
@@ -386,6 +387,11 @@ class GpuBatchRunner:
         prompt_ids = [i for c in chunks for i in c.ids]
         ids[b:].copy_(to_device(prompt_ids, torch.int32, dev))
 
+        # every chunk's attention in one launch per layer (variant 2's tiles over all of them: a 128-token chunk
+        # alone fills only 40 CTAs), each query with the bits of its chunk alone
+        chunk_plan = dk.plan_chunks([(a, len(c.ids), c.slot) for c, a in zip(chunks, starts)], nq, nkv, hd,
+                                    self.max_len, dev) if chunks else None
+
         def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
             if b:
                 dk.rope_append_attention(qkv[:b], nq, nkv, hd, self.k_pool[i], self.v_pool[i], dec_pos, dec_slots,
@@ -394,7 +400,8 @@ class GpuBatchRunner:
                 n, kc, vc = len(c.ids), self.k_pool[i, c.slot], self.v_pool[i, c.slot]
                 start = self.pos[c.slot:c.slot + 1]  # the slot's filled positions: where this chunk starts
                 dk.rope_append(qkv[a:a + n], nq, nkv, hd, self.cos_t, self.sin_t, start, kc, vc)
-                dk.attention(qkv[a:a + n], nq, nkv, hd, kc, vc, start, out=attn[a:a + n])
+            if chunk_plan is not None:
+                dk.attention_chunks(qkv, self.k_pool[i], self.v_pool[i], self.pos, chunk_plan, out=attn)
 
         h = dk.embedding(self.weights.embed, ids)
         qkv = torch.empty(t, cfg.q_size + 2 * cfg.kv_size, dtype=torch.float32, device=dev)

@@ -126,3 +126,82 @@ def test_prefill_attention_rejects_bad_arguments():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         dk.attention(qkv, 9, 2, 64, kc, vc, st)
 
+
+
+def chunks_case(nq: int, nkv: int, hd: int, chunks: list[tuple[int, int, int]], max_len: int, dtype: torch.dtype,
+                seed: int, lead_rows: int = 3):
+    """Pools of 5 slots; chunk (slot, start, tokens) gets a cache filled to start + tokens (NaN past it) and
+    rows after `lead_rows` rows that no chunk owns (a mixed step's decode rows)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    slots = 5
+    kp = torch.full((slots, nkv, max_len, hd), float("nan"), device=DEV).to(dtype)
+    vp = torch.full((slots, nkv, max_len, hd), float("nan"), device=DEV).to(dtype)
+    pos = torch.zeros(slots, dtype=torch.int32, device=DEV)
+    rows, plan_in, r = [], [], lead_rows
+    for slot, start, n in chunks:
+        m = min(start + n, max_len)
+        kp[slot, :, :m] = torch.randn(nkv, m, hd, generator=g, device=DEV).to(dtype)
+        vp[slot, :, :m] = torch.randn(nkv, m, hd, generator=g, device=DEV).to(dtype)
+        pos[slot] = start
+        plan_in.append((r, n, slot))
+        r += n
+    qkv = torch.randn(r, (nq + 2 * nkv) * hd + 3, generator=g, device=DEV) * 2
+    return qkv, kp, vp, pos, plan_in
+
+
+CHUNKS = [(3, 0, 128), (0, 700, 37), (4, 1020, 1), (1, 5, 600), (2, 511, 70)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nq,nkv,hd", [(20, 5, 128), (12, 4, 96), (9, 3, 40)])
+def test_chunks_in_one_launch_equal_calls_per_chunk(dtype, nq, nkv, hd):
+    """Several prompts' chunks in one launch (the serving runner's mixed step) give every query the bits of
+    `attention` on its chunk alone: chunks of 1 to 600 tokens, starts on and off the 512-key split edges,
+    partial query tiles. Rows that no chunk owns keep their poison, and so do the pools past each chunk."""
+    max_len = 1100
+    qkv, kp, vp, pos, plan_in = chunks_case(nq, nkv, hd, CHUNKS, max_len, dtype, seed=21)
+    plan = dk.plan_chunks(plan_in, nq, nkv, hd, max_len, torch.device(DEV))
+    got = dk.attention_chunks(qkv, kp, vp, pos, plan, out=poisoned(qkv.shape[0], nq, hd))
+    want = poisoned(qkv.shape[0], nq, hd)
+    for row0, n, slot in plan_in:
+        dk.attention(qkv[row0:row0 + n].contiguous(), nq, nkv, hd, kp[slot], vp[slot], pos[slot:slot + 1],
+                     out=want[row0:row0 + n])
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert got[:3].isnan().all()  # the lead rows are nobody's
+    for row0, n, slot in plan_in[:2]:  # and against float64 on two of them
+        ref = reference(qkv[row0:row0 + n, :nq * hd].reshape(n, nq, hd).cpu(), kp[slot].cpu(), vp[slot].cpu(),
+                        int(pos[slot]))
+        assert rel_err(got[row0:row0 + n], ref) <= TOL
+
+
+def test_chunks_workspace_blocks_give_the_same_bits(monkeypatch):
+    """A workspace cap that splits the tiles over several launches changes no bit."""
+    nq, nkv, hd, max_len = 20, 5, 128, 1300
+    qkv, kp, vp, pos, plan_in = chunks_case(nq, nkv, hd, CHUNKS, max_len, torch.bfloat16, seed=22)
+    one_plan = dk.plan_chunks(plan_in, nq, nkv, hd, max_len, torch.device(DEV))
+    one = dk.attention_chunks(qkv, kp, vp, pos, one_plan, out=poisoned(qkv.shape[0], nq, hd))
+    per_row = dk.ext().attention_tiled_workspace_floats(1, nq, hd, max_len)
+    monkeypatch.setattr(dk, "PREFILL_WORKSPACE_FLOATS", 50 * per_row)
+    plan = dk.plan_chunks(plan_in, nq, nkv, hd, max_len, torch.device(DEV))
+    assert len(plan.launches) > 5
+    blocks = dk.attention_chunks(qkv, kp, vp, pos, plan, out=poisoned(qkv.shape[0], nq, hd))
+    assert torch.equal(one.nan_to_num(), blocks.nan_to_num()) and torch.equal(one.isnan(), blocks.isnan())
+
+
+def test_chunks_reject_bad_arguments():
+    nq, nkv, hd, max_len = 8, 2, 64, 64
+    qkv, kp, vp, pos, plan_in = chunks_case(nq, nkv, hd, [(0, 0, 10), (1, 3, 5)], max_len, torch.float32, seed=2)
+    dev = torch.device(DEV)
+    with pytest.raises(ValueError, match="one chunk per slot"):
+        dk.plan_chunks([(0, 4, 1), (4, 4, 1)], nq, nkv, hd, max_len, dev)
+    with pytest.raises(ValueError, match="ascending"):
+        dk.plan_chunks([(0, 4, 1), (2, 4, 0)], nq, nkv, hd, max_len, dev)
+    plan = dk.plan_chunks(plan_in, nq, nkv, hd, max_len, dev)
+    with pytest.raises(ValueError, match="pools must be"):
+        dk.attention_chunks(qkv, kp[:, :1].contiguous(), vp[:, :1].contiguous(), pos, plan,
+                            out=poisoned(qkv.shape[0], nq, hd))
+    with pytest.raises(ValueError, match="reach row"):
+        dk.attention_chunks(qkv[:10], kp, vp, pos, plan, out=poisoned(10, nq, hd))
+    with pytest.raises(ValueError, match="position per slot"):
+        dk.attention_chunks(qkv, kp, vp, pos[:2], plan, out=poisoned(qkv.shape[0], nq, hd))

@@ -106,18 +106,40 @@ def test_pack_unpack_reject_bad_values():
 @pytest.mark.parametrize("s", SPARSITIES)
 @pytest.mark.parametrize("kind", ["randn", "ties", "zero_token"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantize_topk_bit_exact(d, s, kind, dtype):
+@pytest.mark.parametrize("threads", [256, 1024])
+def test_quantize_topk_bit_exact(d, s, kind, dtype, threads):
+    """Both CTA sizes of the select kernel (1024 threads for few tokens, 256 for many) against quant.py."""
     gen = torch.Generator().manual_seed(d * 7 + int(s * 100))
     t = 5
     x = make_x(t, d, kind, gen, dtype)
     k = k_of(d, s)
-    idx, q, gamma = lk.quantize_topk(x, k)
+    idx, q, gamma = lk.quantize_topk(x, k, _threads=threads)
     xr = x.float().cpu()
     ref_idx = quant.topk_indices(xr, k)
     qf, ref_gamma = quant.quantize_int8(xr)
     assert torch.equal(idx.cpu().long(), ref_idx)
     assert torch.equal(q.cpu(), qf.gather(1, ref_idx))
     assert torch.equal(gamma.cpu(), ref_gamma.reshape(-1))
+
+
+@pytest.mark.parametrize("d,s", [(2560, 0.6), (6912, 0.0), (1283, 0.9)])
+def test_quantize_topk_many_tokens(d, s):
+    """Past 2 tokens per SM the select kernel runs 256-thread CTAs (several rows per SM): 300 rows, ties mixed
+    in, bit-exact against quant.py and equal, with the norm fused, to the 1024-thread CTAs bit for bit."""
+    gen = torch.Generator().manual_seed(d + 300)
+    x = make_x(300, d, "randn", gen)
+    x[5::11] = make_x(1, d, "ties", gen)
+    k = k_of(d, s)
+    idx, q, gamma = lk.quantize_topk(x, k)
+    ref_idx = quant.topk_indices(x.cpu(), k)
+    qf, ref_gamma = quant.quantize_int8(x.cpu())
+    assert torch.equal(idx.cpu().long(), ref_idx)
+    assert torch.equal(q.cpu(), qf.gather(1, ref_idx))
+    assert torch.equal(gamma.cpu(), ref_gamma.reshape(-1))
+    w = (torch.rand(d, generator=gen) + 0.5).to(DEV)
+    normed = [lk.quantize_topk(x, k, norm_weight=w, _threads=n) for n in (256, 1024)]
+    for a, b in zip(*normed):
+        assert torch.equal(a, b)
 
 
 def test_quantize_topk_large_d():
@@ -301,9 +323,11 @@ def test_residual_epilogue_aliased(t):
 
 @pytest.mark.parametrize("t,s,variant", [(37, 0.0, None), (37, 0.6, None), (70, 0.25, None), (9, 0.9, None),
                                          (70, 0.6, "skinny"), (37, 0.6, "tiled"), (1, 0.0, "skinny"),
-                                         (16, 0.6, "skinny"), (17, 0.0, "skinny"), (64, 0.6, "skinny")])
+                                         (16, 0.6, "skinny"), (17, 0.0, "skinny"), (64, 0.6, "skinny"),
+                                         (70, 0.6, "prefill"), (200, 0.0, "prefill"), (131, 0.9, None)])
 def test_gemm_exact(t, s, variant):
-    """Both GEMM variants (skinny by default up to 64 tokens, tiled above) give the exact int32 sums."""
+    """The GEMM variants (skinny by default up to 64 tokens, prefill above, tiled when asked) give the exact
+    int32 sums."""
     gen = torch.Generator().manual_seed(t * 3)
     d, sizes = 997, [333, 77, 77]
     w, full, betas = build(sizes, "concat", d, gen)
@@ -339,6 +363,88 @@ def test_gemm_skinny_shapes(d, sizes, layout, splits, t):
         assert torch.equal(y.cpu(), ref_outputs(acc, gamma, betas, sizes))
 
 
+@pytest.mark.parametrize("d,sizes,layout", [(2560, [2560, 640, 640], "concat"), (6912, [2560], "concat"),
+                                             (2560, [700, 700], "interleave"), (31, [13], "concat"),
+                                             (4100, [129], "concat"), (997, [333, 77, 77], "concat")])
+@pytest.mark.parametrize("tile", [None, 64, 128])
+@pytest.mark.parametrize("t", [1, 65, 130, 257])
+def test_gemm_prefill_shapes(d, sizes, layout, tile, t):
+    """GEMM variant 3 at the 2B4T shapes and odd ones: D not a multiple of its 64-row k step (31: one partial
+    step), a last 128-column tile half past the matrix (129 -> 192 packed columns), token counts that leave a
+    partial token tile of either size, one token in a 128-token tile. Exact int32 against the reference,
+    outputs and accumulators poisoned first; plain outputs bit-exact too."""
+    gen = torch.Generator().manual_seed(7 * d + t + (tile or 0))
+    w, full, betas = build(sizes, layout, d, gen)
+    x = make_x(t, d, "randn", gen)
+    if t > 7:
+        x[3::7] = make_x(1, d, "ties", gen)
+    k = k_of(d, 0.6)
+    y, raw = run_linear(x, w, k, _variant="prefill", _shape=None if tile is None else (0, tile))
+    q, gamma = quant.quantize_sparse_int8(x.cpu(), k)
+    acc = quant.int_matmul(q, full)
+    assert torch.equal(logical_acc(raw, w), acc)
+    if layout == "concat":
+        assert torch.equal(y.cpu(), ref_outputs(acc, gamma, betas, sizes))
+
+
+@pytest.mark.parametrize("glu", ["relu2", "silu", None])
+@pytest.mark.parametrize("tile", [64, 128])
+def test_gemm_prefill_epilogues(glu, tile):
+    """The GLU epilogues (gate and up columns 16 apart inside one 128-column tile) and the residual epilogue
+    written in place, through variant 3, on dense inputs (k = D: every |q| up to 127 over all 6912 rows of
+    2B4T's down, the widest sums): exact int32, bit-exact plain / residual / relu2 outputs, SiLU within expf's
+    rounding."""
+    gen = torch.Generator().manual_seed(500 + tile + len(glu or ""))
+    t = 150
+    if glu is None:
+        d, n = 6912, 2560
+        w, full, betas = build([n], "concat", d, gen)
+        x = make_x(t, d, "randn", gen)
+        q, gamma = quant.quantize_sparse_int8(x.cpu(), d)
+        res = torch.randn(t, n, generator=gen).to(DEV)
+        ref = res.cpu() + ref_outputs(quant.int_matmul(q, full), gamma, betas, [n])
+        y = lk.ternary_linear(x, w, d, residual=res, out=res, _variant="prefill", _shape=(0, tile))
+        assert y.data_ptr() == res.data_ptr()
+        assert torch.equal(res.cpu(), ref)
+        return
+    d, m = 2560, 700
+    w, full, betas = build([m, m], "interleave", d, gen)
+    x = make_x(t, d, "randn", gen)
+    y, raw = run_linear(x, w, d, glu=glu, _variant="prefill", _shape=(0, tile))
+    q, gamma = quant.quantize_sparse_int8(x.cpu(), d)
+    acc = quant.int_matmul(q, full)
+    assert torch.equal(logical_acc(raw, w), acc)
+    gu = ref_outputs(acc, gamma, betas, [m, m])
+    g, u = gu[:, :m], gu[:, m:]
+    ref = torch.relu(g).square() * u if glu == "relu2" else torch.nn.functional.silu(g) * u
+    if glu == "relu2":
+        assert torch.equal(y.cpu(), ref)
+    else:
+        torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gemm_prefill_plan_and_bad_shape():
+    """The default GEMM takes variant 3 where its grid fills the card (2B4T's gate_up from 64 tokens), variant 2
+    below; every GEMM variant gives each row the same bits; a tile other than 64 or 128 tokens is refused."""
+    gen = torch.Generator().manual_seed(3)
+    d = 2560
+    w, _, _ = build([6912, 6912], "interleave", d, gen)
+    dev = torch.device(DEV)
+    assert lk.plan_gemm(w, lk.PREFILL_MIN_TOKENS - 1, dev)[0] == 2
+    assert lk.plan_gemm(w, lk.PREFILL_MIN_TOKENS, dev) == (3, 64)
+    small, _, _ = build([640], "concat", d, gen)
+    assert lk.plan_gemm(small, lk.PREFILL_MIN_TOKENS, dev)[0] == 2  # 5 column tiles: not enough CTAs
+    x = make_x(lk.PREFILL_MIN_TOKENS, d, "randn", gen)
+    k = k_of(d, 0.6)
+    outs = {v: run_linear(x, w, k, _variant=v) for v in ("skinny", "prefill", "tiled")}
+    outs["default"] = run_linear(x, w, k)
+    for name, (y, raw) in outs.items():
+        assert torch.equal(raw, outs["skinny"][1]), name
+        assert torch.equal(y, outs["skinny"][0]), name
+    with pytest.raises(ValueError, match="64 or 128"):
+        lk.ternary_linear(x, w, k, _variant="prefill", _shape=(0, 96))
+
+
 @pytest.mark.parametrize("t,variant", [(1, "fused"), (1, "t1"), (1, "t1p"), (3, "split"), (20, None)])
 def test_norm_fused_linear(t, variant):
     """acc is exact w.r.t. the kernel's own selection (quantize_topk normalizes identically); the
@@ -361,6 +467,29 @@ def test_norm_fused_linear(t, variant):
     ref = quant.bitlinear(xn, full, torch.tensor(betas[0]), k)
     err = (y.cpu() - ref).norm() / ref.norm()
     assert err < 1e-2, f"relative error {err:.2e} vs the CPU reference"
+
+
+def test_current_stream_handle_follows_torch():
+    """The raw handle the wrappers launch on is torch's current stream: the default one, a side stream inside
+    `torch.cuda.stream`, and the capture stream inside `torch.cuda.graph` (where launching on another stream
+    would break the capture)."""
+    from qsparse_infer.kernels._ext import current_stream_handle
+
+    assert current_stream_handle() == torch.cuda.current_stream().cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert current_stream_handle() == side.cuda_stream
+        assert current_stream_handle(torch.cuda.current_device()) == side.cuda_stream
+    x = torch.zeros(4, device=DEV)
+    g = torch.cuda.CUDAGraph()
+    seen: list[tuple[int, int]] = []
+    with torch.cuda.graph(g):
+        seen.append((current_stream_handle(), torch.cuda.current_stream().cuda_stream))
+        x.add_(1)
+    assert seen[0][0] == seen[0][1]
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(x.cpu(), torch.ones(4))
 
 
 def test_repeat_and_graph_capture():
@@ -530,9 +659,11 @@ def test_fused_norm_identical_across_paths(d, sizes, s):
             outs[variant] = run_linear(x, w, k, norm_weight=nw, _variant=variant)
         except ValueError:  # variant 1 fused needs D's row in shared memory: not at every D
             assert variant == "fused"
-    # the GEMM path for a batch whose row 0 is this token
-    xb = torch.cat([x, make_x(11, d, "randn", gen)])
-    outs["gemm"] = run_linear(xb, w, k, norm_weight=nw)
+    # the GEMM paths for batches whose row 0 is this token: the skinny GEMM (12 rows) and, at 300 rows, the
+    # prefill GEMM behind the select kernel's 256-thread CTAs
+    xb = torch.cat([x, make_x(299, d, "randn", gen)])
+    outs["gemm"] = run_linear(xb[:12].contiguous(), w, k, norm_weight=nw)
+    outs["gemm-300"] = run_linear(xb, w, k, norm_weight=nw)
     y0, raw0 = outs["t1"]
     for name, (y, raw) in outs.items():
         assert torch.equal(raw[:1], raw0), name
